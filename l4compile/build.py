@@ -1,0 +1,152 @@
+"""`l4compile build`: spec -> IR -> passes -> emitter -> build directory (atomically)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import onnx
+
+from l4compile import __version__
+from l4compile.errors import BuildError
+from l4compile.emit.onnx_emitter import emit_onnx
+from l4compile.ir.graph import Graph
+from l4compile.ir.printer import print_ir
+from l4compile.ir.verify import verify
+from l4compile.lower import lower
+from l4compile.passes import PassManager, pipeline
+from l4compile.passes.pipelines import DEFAULT_PIPELINE
+from l4compile.runtime.manifest import MANIFEST_FILE, LayerInfo, Manifest, TensorInfo
+from l4compile.spec.model import ModelSpec
+from l4compile.weights.base import WeightSource
+
+MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+TARGETS = ("onnx",)
+DTYPES = ("float32", "float16", "bfloat16")
+
+
+@dataclass
+class BuildOptions:
+    target: str = "onnx"
+    dtype: str = "float32"
+    pipeline: str | None = None
+    verify: bool = True
+    print_ir: bool = False
+
+
+@dataclass
+class BuildReport:
+    out_dir: Path | None
+    files: dict[str, int]              # file name -> bytes (written, or that a real build would write)
+    tensors: int
+    largest_tensor_bytes: int
+    pass_results: list = field(default_factory=list)
+    dry_run: bool = False
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.files.values())
+
+
+def compile_graph(spec: ModelSpec, options: BuildOptions,
+                  log: Callable[[str], None] = print) -> tuple[Graph, list]:
+    """Lower and run the target's pipeline, verifying after each pass."""
+    if options.dtype not in DTYPES:
+        raise BuildError(f"unsupported build dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
+    graph = lower(spec, options.dtype)
+    if options.verify:
+        verify(graph)
+    name = options.pipeline or DEFAULT_PIPELINE[options.target]
+    results = PassManager(pipeline(name), verify_each=options.verify).run(graph)
+    graph.metadata["l4compile.pipeline"] = name
+    if options.print_ir:
+        log(print_ir(graph))
+    return graph, results
+
+
+def _manifest(spec: ModelSpec, graph: Graph, options: BuildOptions, weights: str) -> Manifest:
+    att = spec.attention
+    layers = [LayerInfo(layer.index, layer.attention, att.chunk_size if layer.attention == "chunked" else None,
+                        att.num_kv_heads, att.head_dim) for layer in spec.layers]
+
+    def info(name: str, public: str | None = None) -> TensorInfo:
+        t = graph.values[name].type
+        return TensorInfo(public or name, t.dtype, list(t.shape))
+
+    return Manifest(
+        model_name=spec.name, spec_hash=spec.content_hash(), target=options.target, backend="onnxruntime",
+        dtype=options.dtype, pipeline=graph.metadata["l4compile.pipeline"],
+        files={"model": MODEL_FILE, "weights": DATA_FILE},
+        inputs=[info(v) for v in graph.inputs], outputs=[info(graph.outputs[0], "logits")],
+        vocab_size=spec.vocab_size, max_position_embeddings=spec.max_position_embeddings, layers=layers,
+        tokens={"bos": spec.tokens.bos, "eos": list(spec.tokens.eos), "pad": spec.tokens.pad},
+        weights=weights, compiler_version=__version__, spec=spec.to_dict(),
+    )
+
+
+def _metadata(spec: ModelSpec, options: BuildOptions) -> dict[str, str]:
+    from l4compile.spec import dump_spec_yaml
+    return {"l4compile.version": __version__, "l4compile.spec": dump_spec_yaml(spec),
+            "l4compile.spec_name": spec.name, "l4compile.dtype": options.dtype, "l4compile.target": options.target}
+
+
+def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] = print) -> BuildReport:
+    """Build and check the full graph without materialising a single weight."""
+    graph, results = compile_graph(spec, options, log)
+    artifact = emit_onnx(graph, None, None, DATA_FILE, _metadata(spec, options))
+    with tempfile.TemporaryDirectory(prefix="l4compile-dry-run-") as tmp:
+        # A sparse data file of the real size: the checker sees exactly what a build writes, no disk is used.
+        with open(Path(tmp) / DATA_FILE, "wb") as sparse:
+            sparse.truncate(artifact.weight_bytes)
+        onnx.save_model(artifact.model, Path(tmp) / MODEL_FILE)
+        onnx.checker.check_model(str(Path(tmp) / MODEL_FILE), full_check=True)
+    model_bytes = artifact.model.ByteSize()
+    return BuildReport(None, {MODEL_FILE: model_bytes, DATA_FILE: artifact.weight_bytes, MANIFEST_FILE: 0},
+                       artifact.tensors, artifact.largest_tensor_bytes, results, dry_run=True)
+
+
+def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildOptions,
+          log: Callable[[str], None] = print, progress: Callable | None = None) -> BuildReport:
+    """Write a complete build directory, or nothing: work in a temp dir, then rename."""
+    out_dir = Path(out_dir)
+    if options.target not in TARGETS:
+        raise BuildError(f"unknown target {options.target!r}; choose one of {', '.join(TARGETS)}")
+    if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file():
+        raise BuildError(f"{out_dir} exists and is not an l4compile build directory; refusing to overwrite it")
+    graph, results = compile_graph(spec, options, log)
+    parent = out_dir.resolve().parent
+    parent.mkdir(parents=True, exist_ok=True)
+    needed = sum(v.type.nbytes() for v in graph.params())
+    free = shutil.disk_usage(parent).free
+    if needed > free:
+        raise BuildError(f"the build needs {needed / 1e9:.2f} GB for weights but {parent} has only "
+                         f"{free / 1e9:.2f} GB free")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    try:
+        artifact = emit_onnx(graph, tmp, weights, DATA_FILE, _metadata(spec, options), progress)
+        onnx.save_model(artifact.model, tmp / MODEL_FILE)
+        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        _manifest(spec, graph, options, weights.description).write(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        weights.close()
+    files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
+    return BuildReport(out_dir, files, artifact.tensors, artifact.largest_tensor_bytes, results)
+
+
+def _replace_dir(new: Path, target: Path) -> None:
+    """Move `new` into place; an older build at `target` is removed only once the new one is there."""
+    if not target.exists():
+        os.replace(new, target)
+        return
+    old = target.with_name(f".{target.name}.old-{os.getpid()}")
+    os.replace(target, old)
+    os.replace(new, target)
+    shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,1 @@
+"""Emitters: IR graph -> ONNX model (+ external weights) or torch nn.Module."""

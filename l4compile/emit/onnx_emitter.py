@@ -1,0 +1,122 @@
+"""IR graph -> ONNX model with weights streamed, one tensor at a time, into one external-data file.
+
+The model proto holds the graph and small constants only; every parameter is
+an external initializer, so model size is unbounded and peak memory stays near
+the largest tensor. Without a weight source (dry run) offsets are computed and
+nothing is written.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from l4compile import __version__
+from l4compile.errors import WeightError
+from l4compile.ir.graph import Graph, Value
+from l4compile.ir.op import ONNX_DTYPES, OnnxBuilder, get_op
+from l4compile.ir.types import TensorType
+from l4compile.weights.base import WeightSource
+
+OPSET = 18
+ALIGN = 64  # byte alignment of each tensor in the data file (keeps mmap reads aligned)
+
+
+@dataclass
+class OnnxArtifact:
+    model: onnx.ModelProto
+    data_file: str
+    weight_bytes: int
+    tensors: int
+    largest_tensor_bytes: int
+    metadata: dict[str, str] = field(default_factory=dict)
+
+
+def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(name, ONNX_DTYPES[t.dtype], [d if isinstance(d, int) else d for d in t.shape])
+
+
+def _external_initializer(param: Value, offset: int, length: int, location: str) -> TensorProto:
+    tensor = TensorProto()
+    tensor.name = param.name
+    tensor.data_type = ONNX_DTYPES[param.type.dtype]
+    tensor.dims.extend(param.type.shape)
+    tensor.data_location = TensorProto.EXTERNAL
+    for key, value in (("location", location), ("offset", str(offset)), ("length", str(length))):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    return tensor
+
+
+def _write_tensor(out: BinaryIO, param: Value, array: np.ndarray) -> int:
+    if tuple(array.shape) != tuple(param.type.shape):
+        raise WeightError(f"tensor {param.name}: shape {tuple(array.shape)} does not match expected "
+                          f"{tuple(param.type.shape)}")
+    array = np.ascontiguousarray(array)
+    if array.dtype.byteorder == ">":
+        array = array.byteswap().view(array.dtype.newbyteorder("<"))
+    out.write(memoryview(array.reshape(-1).view(np.uint8)))
+    return array.nbytes
+
+
+def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
+              data_file: str = "model.onnx.data", metadata: dict[str, str] | None = None,
+              progress=None) -> OnnxArtifact:
+    """Lower every IR node to ONNX; stream parameters into out_dir/data_file (skipped when weights is None)."""
+    b = OnnxBuilder(OPSET)
+    env = {name: name for name in graph.inputs}
+    initializers: list[TensorProto] = []
+    for const in graph.consts():
+        initializers.append(numpy_helper.from_array(const.data, const.name))
+        env[const.name] = const.name
+
+    offset, largest = 0, 0
+    params = graph.params()
+    sink = open(out_dir / data_file, "wb") if (weights is not None and out_dir is not None) else None
+    try:
+        for i, param in enumerate(params):
+            offset = -(-offset // ALIGN) * ALIGN
+            length = param.type.nbytes()
+            if sink is not None:
+                sink.write(b"\0" * (offset - sink.tell()))
+                length = _write_tensor(sink, param, weights.get(param))
+                if progress:
+                    progress(i + 1, len(params), param.name)
+            initializers.append(_external_initializer(param, offset, length, data_file))
+            env[param.name] = param.name
+            offset += length
+            largest = max(largest, length)
+    finally:
+        if sink is not None:
+            sink.close()
+
+    for node in graph.topo_nodes():
+        b.scope = node.name
+        types = [graph.values[v].type for v in node.inputs]
+        outs = get_op(node.op).onnx(b, [env[v] for v in node.inputs], node.attrs, types)
+        env.update(zip(node.outputs, outs))
+
+    outputs = []
+    for name in graph.outputs:
+        public = "logits" if name == graph.outputs[0] else name
+        b.scope = "outputs"
+        b.nodes.append(helper.make_node("Identity", [env[name]], [public], name=f"output/{public}"))
+        outputs.append(_value_info(public, graph.values[name].type))
+
+    onnx_graph = helper.make_graph(
+        b.nodes, graph.name,
+        inputs=[_value_info(v, graph.values[v].type) for v in graph.inputs],
+        outputs=outputs,
+        initializer=initializers + b.initializers,
+    )
+    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="l4compile", producer_version=__version__)
+    model.ir_version = 9  # readable by onnxruntime >= 1.16
+    meta = {**graph.metadata, **(metadata or {})}
+    helper.set_model_props(model, meta)
+    return OnnxArtifact(model, data_file, offset, len(params), largest, meta)

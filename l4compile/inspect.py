@@ -1,0 +1,206 @@
+"""`l4compile inspect`: what a spec costs, by arithmetic on the spec alone.
+
+Parameters (total, active per text token, by part and per layer), FLOPs per token,
+weight bytes per dtype and KV-cache size, naive versus chunked. No weights and no
+torch: it runs in milliseconds on the full-size specs.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+
+from l4compile.spec.model import ModelSpec
+from l4compile.spec.params import (active_matmul_params, active_params, layer_params,
+                                   params_breakdown)
+
+DTYPES = ("float32", "bfloat16", "float16", "fp8", "int4")
+DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float8": "fp8"}
+INT4_BLOCK = 32  # int4 weights carry one float16 scale per block of 32 values
+_BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def canonical_dtype(dtype: str) -> str:
+    """One of DTYPES (accepts fp32, bf16, fp16, float8); ValueError otherwise."""
+    name = DTYPE_ALIASES.get(dtype.lower(), dtype.lower())
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; expected one of {', '.join(DTYPES)}")
+    return name
+
+
+def storage_bytes(elements: int, dtype: str) -> int:
+    """Bytes to store `elements` values; int4 packs two per byte plus the block scales."""
+    dtype = canonical_dtype(dtype)
+    if dtype == "int4":
+        return math.ceil(elements / 2) + 2 * math.ceil(elements / INT4_BLOCK)
+    return elements * _BYTES_PER_ELEMENT[dtype]
+
+
+def parse_size(text: str) -> int:
+    """'80GB' -> 80 * 10**9, '80GiB' -> 80 * 2**30, '1e9' -> 10**9; ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([A-Za-z]*)\s*", text)
+    unit = match.group(2).upper() if match else None
+    if unit not in _SIZE_UNITS:
+        raise ValueError(f"expected a size like 80GB or 80GiB, found {text!r}")
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bfloat16",
+                 budget_bytes: int | None = None) -> dict:
+    """The inspect report as plain data (what `inspect --json` prints).
+
+    `dtype` is the KV-cache dtype; `context` adds the attention FLOPs and the KV
+    cache at that many tokens; `budget_bytes` adds `fits`: per weight dtype, whether
+    its weights plus the chunked KV cache at `context` (none without a context) fit.
+    """
+    dtype = canonical_dtype(dtype)
+    breakdown = params_breakdown(spec)
+    report: dict = {
+        "name": spec.name,
+        "description": spec.description,
+        "estimate": spec.estimate,
+        "params_total": sum(breakdown.values()),
+        "params_active": active_params(spec),
+        "params_breakdown": breakdown,
+        "layers": _layer_rows(spec),
+        "context": context,
+        "flops_per_token": _flops_per_token(spec, context),
+        "flops_per_token_parts": {"matmul": 2 * active_matmul_params(spec),
+                                  "attention": _attention_flops(spec, context)},
+        "weight_bytes": {d: storage_bytes(sum(breakdown.values()), d) for d in DTYPES},
+        "kv_cache": _kv_cache(spec, context, dtype),
+    }
+    if budget_bytes is not None:
+        kv = report["kv_cache"].get("bytes_chunked", 0)
+        report["budget_bytes"] = budget_bytes
+        report["fits"] = {d: weights + kv <= budget_bytes
+                          for d, weights in report["weight_bytes"].items()}
+    return report
+
+
+def _layer_rows(spec: ModelSpec) -> list[dict]:
+    return [{"index": layer.index, "attention": layer.attention, "rope": layer.rope,
+             "qk_norm": layer.qk_norm, "temperature_tuning": layer.temperature_tuning,
+             "ffn": layer.ffn, "params": layer_params(spec, layer).total}
+            for layer in spec.layers]
+
+
+def _kv_positions(spec: ModelSpec, context: int) -> int:
+    """Cached positions summed over layers when chunked layers keep only their chunk."""
+    chunk = spec.attention.chunk_size
+    return sum(min(context, chunk) if layer.attention == "chunked" else context
+               for layer in spec.layers)
+
+
+def _attention_flops(spec: ModelSpec, context: int | None) -> int:
+    """Score and value products of one token attending `context` cached tokens:
+    4 * num_heads * head_dim per key and layer; a chunked layer sees at most its chunk."""
+    if context is None:
+        return 0
+    a = spec.attention
+    return 4 * a.num_heads * a.head_dim * _kv_positions(spec, context)
+
+
+def _flops_per_token(spec: ModelSpec, context: int | None) -> int:
+    """2 FLOPs per active matmul parameter, plus attention at `context` if given."""
+    return 2 * active_matmul_params(spec) + _attention_flops(spec, context)
+
+
+def _kv_cache(spec: ModelSpec, context: int | None, dtype: str) -> dict:
+    per_position = 2 * spec.attention.num_kv_heads * spec.attention.head_dim  # K and V
+    out: dict = {"dtype": dtype,
+                 "bytes_per_token_naive": storage_bytes(per_position * spec.num_layers, dtype)}
+    if context is not None:
+        naive = storage_bytes(per_position * spec.num_layers * context, dtype)
+        chunked = storage_bytes(per_position * _kv_positions(spec, context), dtype)
+        out.update(context=context, bytes_naive=naive, bytes_chunked=chunked,
+                   ratio=chunked / naive)
+    return out
+
+
+# -- human-readable table ------------------------------------------------------------
+
+def format_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f}"
+
+
+def format_bytes(n: float) -> str:
+    for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("KB", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}"
+    return f"{n:.0f} B"
+
+
+def format_report(report: dict) -> str:
+    """A readable summary of `build_report`'s output."""
+    sections = [_format_header(report), _format_params(report), _format_layers(report),
+                _format_compute(report), _format_memory(report)]
+    return "\n\n".join(s for s in sections if s) + "\n"
+
+
+def _format_header(report: dict) -> str:
+    lines = [f"{report['name']}: {report['description']}".rstrip(": ")]
+    if report["estimate"]:
+        lines.append("NOTE: the shapes of this spec are an estimate, not published.")
+    return "\n".join(lines)
+
+
+def _format_params(report: dict) -> str:
+    lines = ["parameters",
+             f"  {'total':<14}{format_count(report['params_total']):>12}",
+             f"  {'active/token':<14}{format_count(report['params_active']):>12}"]
+    for part, count in report["params_breakdown"].items():
+        if count:
+            lines.append(f"    {part:<12}{format_count(count):>12}")
+    return "\n".join(lines)
+
+
+def _format_layers(report: dict) -> str:
+    header = f"  {'layer':>5}  {'attention':<9}  {'rope':<4}  {'qk_norm':<7}  " \
+             f"{'temp':<4}  {'ffn':<5}  {'params':>10}"
+    lines = ["layers", header]
+    yes = {True: "yes", False: "no"}
+    for row in report["layers"]:
+        lines.append(f"  {row['index']:>5}  {row['attention']:<9}  {yes[row['rope']]:<4}  "
+                     f"{yes[row['qk_norm']]:<7}  {yes[row['temperature_tuning']]:<4}  "
+                     f"{row['ffn']:<5}  {format_count(row['params']):>10}")
+    return "\n".join(lines)
+
+
+def _format_compute(report: dict) -> str:
+    at = f" at context {report['context']:,}" if report["context"] else ""
+    parts = report["flops_per_token_parts"]
+    line = f"FLOPs/token{at}: {_gflop(report['flops_per_token'])} " \
+           f"(matmul {_gflop(parts['matmul'])}"
+    if report["context"]:
+        line += f", attention {_gflop(parts['attention'])}"
+    return line + ")"
+
+
+def _gflop(flops: int) -> str:
+    return f"{flops / 1e9:,.1f} GFLOP"
+
+
+def _format_memory(report: dict) -> str:
+    kv = report["kv_cache"]
+    lines = ["weights"]
+    for dtype, size in report["weight_bytes"].items():
+        fits = ""
+        if "fits" in report:
+            fits = "  fits" if report["fits"][dtype] else "  does not fit"
+        lines.append(f"  {dtype:<10}{format_bytes(size):>12}{fits}")
+    if "fits" in report:
+        lines.append(f"  (budget {format_bytes(report['budget_bytes'])}, weights + chunked "
+                     "KV cache at the context)")
+    lines.append(f"KV cache ({kv['dtype']}): {format_bytes(kv['bytes_per_token_naive'])} "
+                 "per token, every layer keeping every position")
+    if "context" in kv:
+        lines.append(f"  at context {kv['context']:,}: naive {format_bytes(kv['bytes_naive'])}, "
+                     f"chunked {format_bytes(kv['bytes_chunked'])} "
+                     f"({kv['ratio']:.1%} of naive)")
+    return "\n".join(lines)

@@ -1,0 +1,212 @@
+"""Core ops: embedding, linear, norms, elementwise, SwiGLU gating, head split."""
+
+from __future__ import annotations
+
+from l4compile.ir.op import Op, OnnxBuilder, expect, register
+from l4compile.ir.types import TensorType, broadcast_shapes
+
+FLOAT = ("float32", "float16", "bfloat16")
+
+
+def _to_float32(b: OnnxBuilder, x: str, dtype: str) -> str:
+    return x if dtype == "float32" else b.node("Cast", [x], to=1)
+
+
+def _from_float32(b: OnnxBuilder, x: str, dtype: str) -> str:
+    from l4compile.ir.op import ONNX_DTYPES
+    return x if dtype == "float32" else b.node("Cast", [x], to=ONNX_DTYPES[dtype])
+
+
+@register
+class Embedding(Op):
+    """table[ids]: ids int64 [B, S], table [V, H] -> [B, S, H]."""
+
+    name = "embedding"
+
+    def infer(self, inputs, attrs):
+        ids, table = inputs
+        expect(ids.dtype == "int64", self.name, f"ids must be int64, got {ids}")
+        expect(table.rank == 2, self.name, f"table must be 2-D, got {table}")
+        return [TensorType(table.dtype, ids.shape + (table.shape[1],))]
+
+    def torch(self, torch, inputs, attrs):
+        ids, table = inputs
+        return [torch.nn.functional.embedding(ids, table)]
+
+    def onnx(self, b, inputs, attrs, types):
+        ids, table = inputs
+        return [b.node("Gather", [table, ids], axis=0)]
+
+
+@register
+class Linear(Op):
+    """x @ w, w stored [in, out]; with transpose_weight, x @ w.T (w stored [out, in], e.g. tied embeddings)."""
+
+    name = "linear"
+
+    def infer(self, inputs, attrs):
+        x, w = inputs
+        expect(w.rank == 2, self.name, f"weight must be 2-D, got {w}")
+        k, n = (w.shape[1], w.shape[0]) if attrs.get("transpose_weight") else w.shape
+        expect(x.shape[-1] == k, self.name, f"input {x} does not match weight {w}")
+        return [TensorType(x.dtype, x.shape[:-1] + (n,))]
+
+    def torch(self, torch, inputs, attrs):
+        x, w = inputs
+        return [x @ (w.t() if attrs.get("transpose_weight") else w)]
+
+    def onnx(self, b, inputs, attrs, types):
+        x, w = inputs
+        if attrs.get("transpose_weight"):
+            w = b.node("Transpose", [w], perm=[1, 0])
+        return [b.node("MatMul", [x, w])]
+
+
+def _rms(b: OnnxBuilder, x: str, eps: float) -> str:
+    """x * 1/sqrt(mean(x^2, -1) + eps), all float32."""
+    mean_sq = b.node("ReduceMean", [b.node("Mul", [x, x]), b.int64s(-1)], keepdims=1)
+    inv = b.node("Reciprocal", [b.node("Sqrt", [b.node("Add", [mean_sq, b.scalar(eps)])])])
+    return b.node("Mul", [x, inv])
+
+
+@register
+class RMSNorm(Op):
+    """x * rsqrt(mean(x^2) + eps) * weight, normalised in float32 (Llama4TextRMSNorm)."""
+
+    name = "rms_norm"
+
+    def infer(self, inputs, attrs):
+        x, w = inputs
+        expect(w.shape == (x.shape[-1],), self.name, f"weight {w} does not match input {x}")
+        return [x]
+
+    def torch(self, torch, inputs, attrs):
+        x, w = inputs
+        xf = x.float()
+        normed = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + attrs["eps"])
+        return [normed.type_as(x) * w]
+
+    def onnx(self, b, inputs, attrs, types):
+        x, w = inputs
+        dtype = types[0].dtype
+        normed = _from_float32(b, _rms(b, _to_float32(b, x, dtype), attrs["eps"]), dtype)
+        return [b.node("Mul", [normed, w])]
+
+
+@register
+class L2Norm(Op):
+    """Weightless x * rsqrt(mean(x^2) + eps) over the last dim (Llama 4's qk norm)."""
+
+    name = "l2_norm"
+
+    def infer(self, inputs, attrs):
+        return [inputs[0]]
+
+    def torch(self, torch, inputs, attrs):
+        (x,) = inputs
+        xf = x.float()
+        return [(xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + attrs["eps"])).type_as(x)]
+
+    def onnx(self, b, inputs, attrs, types):
+        dtype = types[0].dtype
+        return [_from_float32(b, _rms(b, _to_float32(b, inputs[0], dtype), attrs["eps"]), dtype)]
+
+
+class _Binary(Op):
+    onnx_op = ""
+
+    def infer(self, inputs, attrs):
+        a, c = inputs
+        expect(a.dtype == c.dtype, self.name, f"dtypes differ: {a} vs {c}")
+        return [TensorType(a.dtype, broadcast_shapes(a.shape, c.shape))]
+
+    def onnx(self, b, inputs, attrs, types):
+        return [b.node(self.onnx_op, inputs)]
+
+
+@register
+class Add(_Binary):
+    name, onnx_op = "add", "Add"
+
+    def torch(self, torch, inputs, attrs):
+        return [inputs[0] + inputs[1]]
+
+
+@register
+class Mul(_Binary):
+    """Elementwise product; a float32 scale applied to a lower-precision tensor keeps the tensor's dtype."""
+
+    name, onnx_op = "mul", "Mul"
+
+    def infer(self, inputs, attrs):
+        a, c = inputs
+        return [TensorType(a.dtype, broadcast_shapes(a.shape, c.shape))]
+
+    def torch(self, torch, inputs, attrs):
+        a, c = inputs
+        return [(a * c).to(a.dtype)]
+
+    def onnx(self, b, inputs, attrs, types):
+        a, c = inputs
+        if types[0].dtype != types[1].dtype:
+            from l4compile.ir.op import ONNX_DTYPES
+            c = b.node("Cast", [c], to=ONNX_DTYPES[types[0].dtype])
+        return [b.node("Mul", [a, c])]
+
+
+@register
+class SiluMul(Op):
+    """silu(gate) * up: the SwiGLU gating of dense layers, experts and the shared expert."""
+
+    name = "silu_mul"
+
+    def infer(self, inputs, attrs):
+        gate, up = inputs
+        expect(gate.shape == up.shape, self.name, f"gate {gate} and up {up} differ")
+        return [gate]
+
+    def torch(self, torch, inputs, attrs):
+        gate, up = inputs
+        return [torch.nn.functional.silu(gate) * up]
+
+    def onnx(self, b, inputs, attrs, types):
+        gate, up = inputs
+        silu = b.node("Mul", [gate, b.node("Sigmoid", [gate])])
+        return [b.node("Mul", [silu, up])]
+
+
+@register
+class SplitHeads(Op):
+    """[B, S, n*d] -> [B, S, n, d]."""
+
+    name = "split_heads"
+
+    def infer(self, inputs, attrs):
+        (x,) = inputs
+        n, d = attrs["num_heads"], attrs["head_dim"]
+        expect(x.shape[-1] == n * d, self.name, f"{x} cannot split into {n} heads of {d}")
+        return [x.with_shape(x.shape[:-1] + (n, d))]
+
+    def torch(self, torch, inputs, attrs):
+        (x,) = inputs
+        return [x.reshape(*x.shape[:-1], attrs["num_heads"], attrs["head_dim"])]
+
+    def onnx(self, b, inputs, attrs, types):
+        return [b.node("Reshape", [inputs[0], b.int64s(0, 0, attrs["num_heads"], attrs["head_dim"])])]
+
+
+@register
+class Cast(Op):
+    """Change the element type."""
+
+    name = "cast"
+
+    def infer(self, inputs, attrs):
+        return [TensorType(attrs["dtype"], inputs[0].shape)]
+
+    def torch(self, torch, inputs, attrs):
+        return [inputs[0].to(getattr(torch, attrs["dtype"]))]
+
+    def onnx(self, b, inputs, attrs, types):
+        from l4compile.ir.op import ONNX_DTYPES
+        return [b.node("Cast", [inputs[0]], to=ONNX_DTYPES[attrs["dtype"]])]

@@ -1,0 +1,133 @@
+"""Lowering: a ModelSpec becomes the straightforward IR graph of the text model.
+
+Straightforward on purpose: MoE layers run every expert and mask by score,
+chunked attention goes through an explicit [S, T] mask. Passes make it fast.
+Parameter names follow the HF text model (without the `model.` prefix and
+`.weight` suffix); linear weights are stored [in, out].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from l4compile import rope
+from l4compile.ir.graph import Graph
+from l4compile.ir.types import TensorType
+from l4compile.spec.model import LayerSpec, ModelSpec
+
+BATCH, SEQ = "batch", "seq"
+
+
+@dataclass
+class _Shared:
+    """Values computed once per model and read by every layer of a kind."""
+
+    positions: str
+    cos: str | None
+    sin: str | None
+    masks: dict[int, str]         # chunk size (0 = global) -> additive mask
+    temperature: str | None
+
+
+def lower(spec: ModelSpec, dtype: str = "float32") -> Graph:
+    """The full-forward text graph: input_ids [batch, seq] -> logits [batch, seq, vocab]."""
+    g = Graph(spec.name, metadata={"l4compile.spec_hash": spec.content_hash()})
+    ids = g.add_input("input_ids", TensorType("int64", (BATCH, SEQ)))
+    x = g.op("embedding", [ids, _param(g, "embed_tokens", (spec.vocab_size, spec.hidden_size), dtype, "embedding")],
+             name="embed")
+    shared = _shared_values(g, spec, ids)
+    for layer in spec.layers:
+        x = _decoder_layer(g, spec, layer, x, shared, dtype)
+    x = g.op("rms_norm", [x, _param(g, "norm", (spec.hidden_size,), dtype, "norm")], name="final_norm",
+             eps=spec.rms_norm_eps)
+    if spec.tie_word_embeddings:
+        logits = g.op("linear", [x, "embed_tokens"], name="lm_head", transpose_weight=True)
+    else:
+        logits = g.op("linear", [x, _param(g, "lm_head", (spec.hidden_size, spec.vocab_size), dtype)],
+                      name="lm_head")
+    if dtype != "float32":
+        logits = g.op("cast", [logits], name="logits", dtype="float32")
+    g.set_outputs([logits])
+    return g
+
+
+def _param(g: Graph, name: str, shape: tuple[int, ...], dtype: str, init: str = "normal") -> str:
+    return g.add_param(name, TensorType(dtype, shape), init=init)
+
+
+def _shared_values(g: Graph, spec: ModelSpec, ids: str) -> _Shared:
+    att = spec.attention
+    layers = spec.layers
+    positions = g.op("positions", [ids], name="positions")
+    cos = sin = None
+    if any(layer.rope for layer in layers):
+        freqs = g.add_const("rope.inv_freq", rope.inv_freq(att.rope, att.head_dim))
+        cos, sin = g.op("rope_angles", [positions, freqs], name="rope", n_out=2)
+    masks = {}
+    for chunk in sorted({att.chunk_size if layer.attention == "chunked" else 0 for layer in layers}):
+        masks[chunk] = g.op("attention_mask", [positions, positions], name=f"mask.{'chunked' if chunk else 'global'}",
+                            chunk_size=chunk)
+    temperature = None
+    if any(layer.temperature_tuning for layer in layers):
+        tt = att.temperature_tuning
+        temperature = g.op("temperature_scale", [positions], name="temperature", attn_scale=tt.attn_scale,
+                           floor_scale=tt.floor_scale)
+    return _Shared(positions, cos, sin, masks, temperature)
+
+
+def _decoder_layer(g: Graph, spec: ModelSpec, layer: LayerSpec, x: str, shared: _Shared, dtype: str) -> str:
+    p = f"layers.{layer.index}"
+    h = spec.hidden_size
+    normed = g.op("rms_norm", [x, _param(g, f"{p}.input_layernorm", (h,), dtype, "norm")], name=f"{p}.input_norm",
+                  eps=spec.rms_norm_eps)
+    x = g.op("add", [x, _attention(g, spec, layer, normed, shared, dtype)], name=f"{p}.attn_residual")
+    normed = g.op("rms_norm", [x, _param(g, f"{p}.post_attention_layernorm", (h,), dtype, "norm")],
+                  name=f"{p}.post_attention_norm", eps=spec.rms_norm_eps)
+    ffn = _moe(g, spec, p, normed, dtype) if layer.ffn == "moe" else \
+        _mlp(g, f"{p}.feed_forward", normed, h, spec.dense_intermediate_size, dtype)
+    return g.op("add", [x, ffn], name=f"{p}.ffn_residual")
+
+
+def _attention(g: Graph, spec: ModelSpec, layer: LayerSpec, x: str, shared: _Shared, dtype: str) -> str:
+    att, h = spec.attention, spec.hidden_size
+    p = f"layers.{layer.index}.self_attn"
+
+    def project(name: str, heads: int) -> str:
+        w = _param(g, f"{p}.{name}_proj", (h, heads * att.head_dim), dtype)
+        flat = g.op("linear", [x, w], name=f"{p}.{name}")
+        return g.op("split_heads", [flat], name=f"{p}.{name}_heads", num_heads=heads, head_dim=att.head_dim)
+
+    q, k, v = project("q", att.num_heads), project("k", att.num_kv_heads), project("v", att.num_kv_heads)
+    if layer.rope:
+        q = g.op("rope", [q, shared.cos, shared.sin], name=f"{p}.q_rope")
+        k = g.op("rope", [k, shared.cos, shared.sin], name=f"{p}.k_rope")
+    if layer.qk_norm:
+        q = g.op("l2_norm", [q], name=f"{p}.q_norm", eps=spec.rms_norm_eps)
+        k = g.op("l2_norm", [k], name=f"{p}.k_norm", eps=spec.rms_norm_eps)
+    if layer.temperature_tuning:
+        q = g.op("mul", [q, shared.temperature], name=f"{p}.q_temperature")
+    mask = shared.masks[att.chunk_size if layer.attention == "chunked" else 0]
+    out = g.op("attention", [q, k, v, mask], name=f"{p}.attention", scale=att.head_dim ** -0.5)
+    w_o = _param(g, f"{p}.o_proj", (att.num_heads * att.head_dim, h), dtype)
+    return g.op("linear", [out, w_o], name=f"{p}.o")
+
+
+def _mlp(g: Graph, p: str, x: str, hidden: int, inner: int, dtype: str) -> str:
+    gate = g.op("linear", [x, _param(g, f"{p}.gate_proj", (hidden, inner), dtype)], name=f"{p}.gate")
+    up = g.op("linear", [x, _param(g, f"{p}.up_proj", (hidden, inner), dtype)], name=f"{p}.up")
+    act = g.op("silu_mul", [gate, up], name=f"{p}.act")
+    return g.op("linear", [act, _param(g, f"{p}.down_proj", (inner, hidden), dtype)], name=f"{p}.down")
+
+
+def _moe(g: Graph, spec: ModelSpec, p: str, x: str, dtype: str) -> str:
+    moe, h = spec.moe, spec.hidden_size
+    p = f"{p}.feed_forward"
+    logits = g.op("linear", [x, _param(g, f"{p}.router", (h, moe.num_experts), dtype, "router")], name=f"{p}.router")
+    scores = g.op("router_scores", [logits], name=f"{p}.scores", top_k=moe.top_k)
+    gate_up = _param(g, f"{p}.experts.gate_up_proj", (moe.num_experts, h, 2 * moe.intermediate_size), dtype)
+    down = _param(g, f"{p}.experts.down_proj", (moe.num_experts, moe.intermediate_size, h), dtype)
+    routed = g.op("moe_experts", [x, scores, gate_up, down], name=f"{p}.experts")
+    if not moe.shared_expert:
+        return routed
+    shared = _mlp(g, f"{p}.shared_expert", x, h, moe.intermediate_size, dtype)
+    return g.op("add", [shared, routed], name=f"{p}.combine")

@@ -1,0 +1,30 @@
+"""The weight-source contract used by every emitter."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import numpy as np
+
+from l4compile.ir.graph import Value
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """numpy dtype of an IR dtype (bfloat16 and float8 through ml_dtypes)."""
+    if dtype in ("bfloat16", "float8e4m3fn"):
+        import ml_dtypes
+        return np.dtype(getattr(ml_dtypes, dtype))
+    return np.dtype(dtype)
+
+
+class WeightSource(ABC):
+    """Yields parameters one at a time, so that peak memory stays near the largest tensor."""
+
+    description: str = ""
+
+    @abstractmethod
+    def get(self, param: Value) -> np.ndarray:
+        """The tensor for an IR parameter, in its IR dtype and shape."""
+
+    def close(self) -> None:
+        """Release files or maps held by the source."""

@@ -1,0 +1,37 @@
+"""Which HF checkpoint tensor feeds which IR parameter, and how (MLC-style mapping).
+
+The lowering says what the model computes; this table says where each weight
+comes from. IR linear weights are [in, out]; HF nn.Linear weights are
+[out, in], so they are transposed. Stacked experts are already [E, in, out].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+TEXT_PREFIXES = ("", "language_model.")  # text-only checkpoint / multimodal checkpoint
+
+
+@dataclass(frozen=True)
+class TensorMapping:
+    ir_name: str
+    hf_name: str          # without the multimodal prefix
+    transpose: bool
+
+    def to_ir(self, array: np.ndarray) -> np.ndarray:
+        return array.T if self.transpose else array
+
+    def to_hf(self, array: np.ndarray) -> np.ndarray:
+        return array.T if self.transpose else array
+
+
+def hf_name_of(ir_name: str) -> TensorMapping:
+    """The HF tensor behind one IR parameter name."""
+    if ir_name == "lm_head":
+        return TensorMapping(ir_name, "lm_head.weight", transpose=True)
+    if ir_name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+        return TensorMapping(ir_name, f"model.{ir_name}", transpose=False)
+    is_linear = ir_name.endswith(("_proj", ".router"))
+    return TensorMapping(ir_name, f"model.{ir_name}.weight", transpose=is_linear)
