@@ -40,11 +40,11 @@ def lower(spec: ModelSpec, dtype: str = "float32") -> Graph:
         x = _decoder_layer(g, spec, layer, x, shared, dtype)
     x = g.op("rms_norm", [x, _param(g, "norm", (spec.hidden_size,), dtype, "norm")], name="final_norm",
              eps=spec.rms_norm_eps)
+    name = "logits" if dtype == "float32" else "logits_low_precision"
     if spec.tie_word_embeddings:
-        logits = g.op("linear", [x, "embed_tokens"], name="lm_head", transpose_weight=True)
+        logits = g.op("linear", [x, "embed_tokens"], name=name, transpose_weight=True)
     else:
-        logits = g.op("linear", [x, _param(g, "lm_head", (spec.hidden_size, spec.vocab_size), dtype)],
-                      name="lm_head")
+        logits = g.op("linear", [x, _param(g, "lm_head", (spec.hidden_size, spec.vocab_size), dtype)], name=name)
     if dtype != "float32":
         logits = g.op("cast", [logits], name="logits", dtype="float32")
     g.set_outputs([logits])

@@ -28,10 +28,14 @@ class Engine:
         if not model.is_file():
             raise BuildDirError(f"{directory}: model file {manifest.files['model']} is missing")
         import onnxruntime as ort
+        providers = providers or ["CPUExecutionProvider"]
+        if manifest.dtype == "bfloat16" and providers == ["CPUExecutionProvider"]:
+            raise BuildDirError(f"{directory}: a bfloat16 build needs a GPU execution provider (onnxruntime's CPU "
+                                "provider has no bfloat16 kernels); rebuild with --dtype float16 or float32 for CPU")
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(model), options, providers=providers)
         return cls(directory, manifest, session)
 
     @property

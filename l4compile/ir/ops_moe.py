@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import math
 
-from l4compile.ir.op import Op, expect, register
+import onnx.helper
+
+from l4compile.ir.op import ONNX_DTYPES, Op, expect, register
 from l4compile.ir.types import TensorType
 
 
@@ -31,15 +33,14 @@ class RouterScores(Op):
 
     def onnx(self, b, inputs, attrs, types):
         (logits,) = inputs
+        low_precision = types[0].dtype != "float32"
+        if low_precision:  # TopK has no bfloat16 kernel in the standard opset; selection is unchanged in float32
+            logits = b.node("Cast", [logits], to=1)
         values, indices = b.node("TopK", [logits, b.int64s(attrs["top_k"])], n_out=2, axis=-1)
-        import onnx.helper
-        fill = onnx.helper.make_tensor("fill", 1, [1], [-math.inf])
+        fill = onnx.helper.make_tensor("fill", onnx.TensorProto.FLOAT, [1], [-math.inf])
         neg_inf = b.node("ConstantOfShape", [b.node("Shape", [logits])], value=fill)
-        if types[0].dtype != "float32":
-            values = b.node("Cast", [values], to=1)
         scores = b.node("Sigmoid", [b.node("ScatterElements", [neg_inf, indices, values], axis=-1)])
-        if types[0].dtype != "float32":
-            from l4compile.ir.op import ONNX_DTYPES
+        if low_precision:
             scores = b.node("Cast", [scores], to=ONNX_DTYPES[types[0].dtype])
         return [scores]
 

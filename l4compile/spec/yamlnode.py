@@ -10,7 +10,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-from dataclasses import MISSING, fields
+from dataclasses import MISSING, dataclass, fields
 from typing import Any, Iterable
 
 import yaml
@@ -46,7 +46,8 @@ def compose_document(text: str, file: str) -> MappingNode:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None) or getattr(exc, "context_mark", None)
         line = mark.line + 1 if mark is not None else None
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
+        problem = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
         raise SpecError(f"invalid YAML: {problem}", file=file, line=line) from None
     if root is None:
         raise SpecError("the spec is empty: expected a mapping with name and text", file=file, line=1)
@@ -56,9 +57,20 @@ def compose_document(text: str, file: str) -> MappingNode:
     return root
 
 
+@dataclass(frozen=True)
+class Tagged:
+    """A scalar with a tag the safe loader does not construct (e.g. `!!python/int 5`)."""
+
+    tag: str
+    text: str
+
+
 def scalar_value(node: ScalarNode) -> Any:
     """The Python value PyYAML's safe loader would give a scalar node."""
-    return SafeConstructor().construct_object(node, deep=True)
+    try:
+        return SafeConstructor().construct_object(node, deep=True)
+    except yaml.YAMLError:
+        return Tagged(node.tag, node.value)
 
 
 def describe(node: Node) -> str:
@@ -78,6 +90,8 @@ def describe(node: Node) -> str:
         return f"{node.value} (a number)"
     if isinstance(value, str):
         return f"{value!r} (a string)"
+    if isinstance(value, Tagged):
+        return f"{value.text!r} tagged {value.tag}"
     return f"{node.value!r} (a {type(value).__name__})"
 
 

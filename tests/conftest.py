@@ -1,0 +1,41 @@
+"""Shared fixtures: tiny specs, their IR graphs, and built directories (built once per session)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SPECS = ROOT / "specs"
+TINY_SPECS = ("tiny-scout", "tiny-maverick")
+
+
+def spec_path(name: str) -> Path:
+    return SPECS / f"{name}.yaml"
+
+
+def load(name: str):
+    from l4compile.spec import load_spec
+    return load_spec(spec_path(name))
+
+
+def token_ids(batch: int, seq: int, vocab: int = 256, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, vocab, (batch, seq), dtype=np.int64)
+
+
+@pytest.fixture(scope="session")
+def built_tiny(tmp_path_factory):
+    """name -> build directory of that tiny spec with random weights (seed 0)."""
+    from l4compile.build import BuildOptions, build
+    from l4compile.weights import RandomWeights
+    cache: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in cache:
+            out = tmp_path_factory.mktemp("builds") / name
+            build(load(name), out, RandomWeights(0), BuildOptions(), log=lambda _: None)
+            cache[name] = out
+        return cache[name]
+    return get
