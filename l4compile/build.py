@@ -25,6 +25,11 @@ from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import WeightSource
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+# How the runtime finds the cache in the model (see l4compile.lower): cache tensors are
+# sequence-major [positions, batch, kv_heads, head_dim]; chunked layers see only their chunk.
+KV_CACHE_NAMES = {"layout": ["positions", "batch", "kv_heads", "head_dim"], "past_length": "past_length",
+                  "logits_start": "logits_start", "past_key": "past_key.{i}", "past_value": "past_value.{i}",
+                  "new_key": "new_key.{i}", "new_value": "new_value.{i}"}
 TARGETS = ("onnx",)
 DTYPES = ("float32", "float16", "bfloat16")
 
@@ -81,10 +86,12 @@ def _manifest(spec: ModelSpec, graph: Graph, options: BuildOptions, weights: str
         model_name=spec.name, spec_hash=spec.content_hash(), target=options.target, backend="onnxruntime",
         dtype=options.dtype, pipeline=graph.metadata["l4compile.pipeline"],
         files={"model": MODEL_FILE, "weights": DATA_FILE},
-        inputs=[info(v) for v in graph.inputs], outputs=[info(graph.outputs[0], "logits")],
+        inputs=[info(v) for v in graph.inputs],
+        outputs=[info(graph.outputs[0], "logits")] + [info(v) for v in graph.outputs[1:]],
         vocab_size=spec.vocab_size, max_position_embeddings=spec.max_position_embeddings, layers=layers,
         tokens={"bos": spec.tokens.bos, "eos": list(spec.tokens.eos), "pad": spec.tokens.pad},
         weights=weights, compiler_version=__version__, spec=spec.to_dict(),
+        kv_cache=KV_CACHE_NAMES if "past_length" in graph.inputs else None,
     )
 
 

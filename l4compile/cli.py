@@ -9,6 +9,7 @@ from pathlib import Path
 
 from l4compile import __version__
 from l4compile.errors import BuildError, L4Error
+from l4compile.inspect import canonical_dtype, parse_size
 
 
 def _size(n: float) -> str:
@@ -19,15 +20,22 @@ def _size(n: float) -> str:
     return f"{n:.2f} TB"
 
 
-def _parse_bytes(text: str) -> int:
-    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-             "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-    t = text.strip().upper()
-    number = t.rstrip("KMGTIB")
-    try:
-        return int(float(number) * units[t[len(number):]])
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 80GB, 512MiB)") from None
+def _argtype(convert, what: str):
+    """An argparse type from a converter that raises ValueError: a bad value is a usage error (exit 2)."""
+    def parse(text: str):
+        try:
+            return convert(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    parse.__name__ = what
+    return parse
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(f"expected a positive integer, found {text}")
+    return value
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -77,9 +85,12 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="parameter, FLOP and memory accounting of a spec (no weights)")
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--context", type=int, help="KV-cache and attention numbers at this context length")
-    p.add_argument("--dtype", default="bfloat16", help="dtype for KV-cache bytes (default bfloat16)")
-    p.add_argument("--budget", type=_parse_bytes, help="memory budget, e.g. 80GB: does it fit, per weight dtype")
+    p.add_argument("--context", type=_argtype(_positive_int, "context"),
+                   help="KV-cache and attention numbers at this context length")
+    p.add_argument("--dtype", default="bfloat16", type=_argtype(canonical_dtype, "dtype"),
+                   help="dtype for KV-cache bytes (default bfloat16)")
+    p.add_argument("--budget", type=_argtype(parse_size, "size"),
+                   help="memory budget, e.g. 80GB: does it fit, per weight dtype")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("build", help="compile a spec into a build directory")
@@ -88,7 +99,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="build directory (default build/<spec name>)")
     p.add_argument("--weights", help="'random' or a Hugging Face checkpoint directory")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
-    p.add_argument("--dtype", default="float32", help="weight and compute dtype (default float32)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="weight and compute dtype (default float32)")
     p.add_argument("--pipeline", help="pass pipeline (default: the target's)")
     p.add_argument("--dry-run", action="store_true", help="build and check the graph, write nothing, load no weights")
     p.add_argument("--print-ir", action="store_true", help="print the IR after the pipeline")

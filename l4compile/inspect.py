@@ -51,11 +51,25 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
                  budget_bytes: int | None = None) -> dict:
     """The inspect report as plain data (what `inspect --json` prints).
 
-    `dtype` is the KV-cache dtype; `context` adds the attention FLOPs and the KV
-    cache at that many tokens; `budget_bytes` adds `fits`: per weight dtype, whether
-    its weights plus the chunked KV cache at `context` (none without a context) fit.
+    - `flops_per_token`: 2 per active matmul parameter (lm_head and router included,
+      embedding lookup and norms not), plus, with `context`, the attention products of
+      one token over its cached keys: 4 * num_heads * head_dim per key and layer, where a
+      global layer sees `context` keys and a chunked layer min(context, chunk_size).
+    - `weight_bytes`: all parameters (vision included) per dtype; int4 adds one float16
+      scale per block of 32 values.
+    - `kv_cache` (in `dtype`): per token when every layer keeps every position, and with
+      `context` the naive size against the chunked one (chunked layers keep
+      min(context, chunk_size) positions, global layers `context`).
+    - `fits` (with `budget_bytes`): per weight dtype, whether its weights plus the chunked
+      KV cache at `context` (none without a context) fit in the budget.
+
+    ValueError for an unknown dtype, a context < 1 or a negative budget.
     """
     dtype = canonical_dtype(dtype)
+    if context is not None and context < 1:
+        raise ValueError(f"context must be a positive number of tokens, found {context}")
+    if budget_bytes is not None and budget_bytes < 0:
+        raise ValueError(f"budget must be a non-negative number of bytes, found {budget_bytes}")
     breakdown = params_breakdown(spec)
     report: dict = {
         "name": spec.name,

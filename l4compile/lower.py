@@ -16,6 +16,7 @@ from l4compile.ir.types import TensorType
 from l4compile.spec.model import LayerSpec, ModelSpec
 
 BATCH, SEQ = "batch", "seq"
+PAST = {"chunked": "past_chunk", "global": "past"}  # cached positions: chunked layers keep only their chunk
 
 
 @dataclass
@@ -25,21 +26,34 @@ class _Shared:
     positions: str
     cos: str | None
     sin: str | None
-    masks: dict[int, str]         # chunk size (0 = global) -> additive mask
+    masks: dict[str, str]         # attention kind -> additive mask
     temperature: str | None
+    past: dict[int, tuple[str, str]]   # layer -> (past key, past value) inputs; empty without a KV cache
+    new_kv: list[str]                  # new keys/values of every layer, graph outputs of a KV build
 
 
-def lower(spec: ModelSpec, dtype: str = "float32") -> Graph:
-    """The full-forward text graph: input_ids [batch, seq] -> logits [batch, seq, vocab]."""
+def lower(spec: ModelSpec, dtype: str = "float32", kv_cache: bool = True) -> Graph:
+    """The text graph: input_ids [batch, seq] -> logits [batch, seq, vocab].
+
+    With kv_cache, the graph also reads `past_length` (absolute position of the first id),
+    `logits_start` (logits only from this position on) and each layer's cached keys and values
+    (sequence-major [past, batch, kv_heads, head_dim]), and returns each layer's new keys and values.
+    """
     g = Graph(spec.name, metadata={"l4compile.spec_hash": spec.content_hash()})
     ids = g.add_input("input_ids", TensorType("int64", (BATCH, SEQ)))
+    past_length = logits_start = None
+    if kv_cache:
+        past_length = g.add_input("past_length", TensorType("int64", ()))
+        logits_start = g.add_input("logits_start", TensorType("int64", ()))
     x = g.op("embedding", [ids, _param(g, "embed_tokens", (spec.vocab_size, spec.hidden_size), dtype, "embedding")],
              name="embed")
-    shared = _shared_values(g, spec, ids)
+    shared = _shared_values(g, spec, ids, past_length, dtype)
     for layer in spec.layers:
         x = _decoder_layer(g, spec, layer, x, shared, dtype)
     x = g.op("rms_norm", [x, _param(g, "norm", (spec.hidden_size,), dtype, "norm")], name="final_norm",
              eps=spec.rms_norm_eps)
+    if logits_start is not None:
+        x = g.op("slice_seq", [x, logits_start], name="logits_positions")
     name = "logits" if dtype == "float32" else "logits_low_precision"
     if spec.tie_word_embeddings:
         logits = g.op("linear", [x, "embed_tokens"], name=name, transpose_weight=True)
@@ -47,7 +61,7 @@ def lower(spec: ModelSpec, dtype: str = "float32") -> Graph:
         logits = g.op("linear", [x, _param(g, "lm_head", (spec.hidden_size, spec.vocab_size), dtype)], name=name)
     if dtype != "float32":
         logits = g.op("cast", [logits], name="logits", dtype="float32")
-    g.set_outputs([logits])
+    g.set_outputs([logits] + shared.new_kv)
     return g
 
 
@@ -55,24 +69,35 @@ def _param(g: Graph, name: str, shape: tuple[int, ...], dtype: str, init: str = 
     return g.add_param(name, TensorType(dtype, shape), init=init)
 
 
-def _shared_values(g: Graph, spec: ModelSpec, ids: str) -> _Shared:
+def _shared_values(g: Graph, spec: ModelSpec, ids: str, past_length: str | None, dtype: str) -> _Shared:
     att = spec.attention
     layers = spec.layers
-    positions = g.op("positions", [ids], name="positions")
+    past: dict[int, tuple[str, str]] = {}
+    if past_length is not None:
+        for layer in layers:
+            t = TensorType(dtype, (PAST[layer.attention], BATCH, att.num_kv_heads, att.head_dim))
+            past[layer.index] = (g.add_input(f"past_key.{layer.index}", t), g.add_input(f"past_value.{layer.index}", t))
+    positions = g.op("positions", [ids] + ([past_length] if past_length else []), name="positions")
     cos = sin = None
     if any(layer.rope for layer in layers):
         freqs = g.add_const("rope.inv_freq", rope.inv_freq(att.rope, att.head_dim))
         cos, sin = g.op("rope_angles", [positions, freqs], name="rope", n_out=2)
     masks = {}
-    for chunk in sorted({att.chunk_size if layer.attention == "chunked" else 0 for layer in layers}):
-        masks[chunk] = g.op("attention_mask", [positions, positions], name=f"mask.{'chunked' if chunk else 'global'}",
-                            chunk_size=chunk)
+    for kind in ("chunked", "global"):
+        first = next((layer for layer in layers if layer.attention == kind), None)
+        if first is None:
+            continue
+        keys = positions
+        if past_length is not None:
+            keys = g.op("key_positions", [past_length, past[first.index][0], ids], name=f"key_positions.{kind}")
+        masks[kind] = g.op("attention_mask", [positions, keys], name=f"mask.{kind}",
+                           chunk_size=att.chunk_size if kind == "chunked" else 0)
     temperature = None
     if any(layer.temperature_tuning for layer in layers):
         tt = att.temperature_tuning
         temperature = g.op("temperature_scale", [positions], name="temperature", attn_scale=tt.attn_scale,
                            floor_scale=tt.floor_scale)
-    return _Shared(positions, cos, sin, masks, temperature)
+    return _Shared(positions, cos, sin, masks, temperature, past, [])
 
 
 def _decoder_layer(g: Graph, spec: ModelSpec, layer: LayerSpec, x: str, shared: _Shared, dtype: str) -> str:
@@ -106,7 +131,13 @@ def _attention(g: Graph, spec: ModelSpec, layer: LayerSpec, x: str, shared: _Sha
         k = g.op("l2_norm", [k], name=f"{p}.k_norm", eps=spec.rms_norm_eps)
     if layer.temperature_tuning:
         q = g.op("mul", [q, shared.temperature], name=f"{p}.q_temperature")
-    mask = shared.masks[att.chunk_size if layer.attention == "chunked" else 0]
+    if layer.index in shared.past:
+        for kind, new in (("key", k), ("value", v)):
+            shared.new_kv.append(g.op("transpose", [new], name=f"new_{kind}.{layer.index}", perm=(1, 0, 2, 3)))
+        past_key, past_value = shared.past[layer.index]
+        k = g.op("kv_concat", [past_key, k], name=f"{p}.keys")
+        v = g.op("kv_concat", [past_value, v], name=f"{p}.values")
+    mask = shared.masks[layer.attention]
     out = g.op("attention", [q, k, v, mask], name=f"{p}.attention", scale=att.head_dim ** -0.5)
     w_o = _param(g, f"{p}.o_proj", (att.num_heads * att.head_dim, h), dtype)
     return g.op("linear", [out, w_o], name=f"{p}.o")

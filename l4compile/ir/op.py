@@ -60,7 +60,7 @@ def all_ops() -> dict[str, Op]:
 
 
 def _load_opsets() -> None:
-    from l4compile.ir import ops_attention, ops_core, ops_moe  # noqa: F401  (registration side effect)
+    from l4compile.ir import ops_attention, ops_cache, ops_core, ops_moe  # noqa: F401  (registration side effect)
 
 
 def expect(cond: bool, op: str, message: str) -> None:

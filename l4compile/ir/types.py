@@ -58,8 +58,15 @@ def dim_mul(a: Dim, b: Dim) -> Dim:
     return f"{a}*{b}"
 
 
-def dims_equal(a: Dim, b: Dim) -> bool:
-    return a == b
+def dim_add(a: Dim, b: Dim) -> Dim:
+    """Sum of two dimensions, kept symbolic when either is a symbol."""
+    if isinstance(a, int) and isinstance(b, int):
+        return a + b
+    if a == 0:
+        return b
+    if b == 0:
+        return a
+    return f"{a}+{b}"
 
 
 def broadcast_shapes(a: tuple[Dim, ...], b: tuple[Dim, ...]) -> tuple[Dim, ...]:

@@ -47,7 +47,7 @@ def read_vision(sec: Section | None) -> VisionSpec | None:
     values = {}
     for f in fields(VisionSpec):
         default = default_of(VisionSpec, f.name)
-        if f.type == "int":
+        if f.type in ("int", int):
             values[f.name] = sec.int(f.name, default=default)
         else:
             values[f.name] = sec.float(f.name, default=default)

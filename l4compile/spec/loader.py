@@ -15,7 +15,8 @@ from l4compile.spec.extras import TOKEN_FIELDS, VISION_FIELDS, read_tokens, read
 from l4compile.spec.model import (AttentionSpec, ModelSpec, MoESpec, RopeScaling, RopeSpec,
                                   TemperatureTuning)
 from l4compile.spec.patterns import moe_layers_from_step, nope_layers_from_interval
-from l4compile.spec.yamlnode import Section, compose_document, default_of, describe, is_null, scalar_value
+from l4compile.spec.yamlnode import (Section, compose_document, default_of, describe, is_null,
+                                     scalar_value)
 
 TOP_FIELDS = ("name", "description", "estimate", "text", "tokens", "vision")
 TEXT_FIELDS = ("hidden_size", "num_layers", "vocab_size", "rms_norm_eps", "max_position_embeddings",

@@ -50,7 +50,8 @@ def compose_document(text: str, file: str) -> MappingNode:
         problem = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
         raise SpecError(f"invalid YAML: {problem}", file=file, line=line) from None
     if root is None:
-        raise SpecError("the spec is empty: expected a mapping with name and text", file=file, line=1)
+        raise SpecError("the spec is empty: expected a mapping with name and text",
+                        file=file, line=1)
     if not isinstance(root, MappingNode):
         raise SpecError(f"expected a mapping at the top level, found {describe(root)}",
                         file=file, line=line_of(root))

@@ -87,7 +87,7 @@ def test_build_without_weights_is_a_one_line_error(tmp_path):
 def test_print_ir(tmp_path):
     r = cli("build", spec_path("tiny-maverick"), "--dry-run", "--print-ir")
     assert r.returncode == 0, r.stderr
-    assert "graph tiny-maverick(%input_ids: int64[batch, seq])" in r.stdout
+    assert "graph tiny-maverick(%input_ids: int64[batch, seq], %past_length: int64[]" in r.stdout
     assert "moe_experts(" in r.stdout
 
 

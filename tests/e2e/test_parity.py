@@ -23,7 +23,7 @@ def reference():
 
     def get(name: str) -> GraphModule:
         if name not in modules:
-            modules[name] = GraphModule(lower(load(name)), RandomWeights(0)).eval()
+            modules[name] = GraphModule(lower(load(name), kv_cache=False), RandomWeights(0)).eval()
         return modules[name]
     return get
 

@@ -78,8 +78,13 @@ def test_dead_code_elimination_removes_unread_nodes_and_params():
     assert not DeadCodeElimination().run(g).changed
 
 
+def graph_layers(name: str) -> int:
+    return load(name).num_layers
+
+
 @pytest.mark.parametrize("name", ["tiny-scout", "tiny-maverick", "scout", "maverick", "behemoth"])
 def test_lowered_graphs_verify(name):
     graph = lower(load(name))
     verify(graph)
-    assert graph.outputs == ["logits"]
+    assert graph.outputs[0] == "logits"
+    assert len(graph.outputs) == 1 + 2 * graph_layers(name)

@@ -40,6 +40,10 @@ CASES = {
     "attention": ([f32(2, 6, 4, 8), f32(2, 6, 2, 8), f32(2, 6, 2, 8),
                    np.triu(np.full((6, 6), -np.inf, np.float32), 1)[None, None]], {"scale": 8 ** -0.5}, 1),
     "router_scores": ([f32(2, 5, 4)], {"top_k": 1}, 1),
+    "transpose": ([f32(2, 5, 3, 4)], {"perm": (1, 0, 2, 3)}, 1),
+    "kv_concat": ([f32(3, 2, 2, 4), f32(2, 5, 2, 4)], {}, 1),
+    "key_positions": ([np.array(7, dtype=np.int64), f32(3, 2, 2, 4), rng.integers(0, 10, (2, 5))], {}, 1),
+    "slice_seq": ([f32(2, 5, 6), np.array(3, dtype=np.int64)], {}, 1),
     "moe_experts": ([f32(2, 5, 6), np.abs(f32(2, 5, 3)), f32(3, 6, 8), f32(3, 4, 6)], {}, 1),
 }
 

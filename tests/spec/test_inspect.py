@@ -112,6 +112,12 @@ def test_storage_bytes_and_sizes() -> None:
         parse_size("lots")
 
 
+@pytest.mark.parametrize("kwargs", [{"context": 0}, {"budget_bytes": -1}, {"dtype": "int3"}])
+def test_bad_report_arguments(kwargs: dict) -> None:
+    with pytest.raises(ValueError):
+        report_of("tiny-scout", **kwargs)
+
+
 # -- parity with transformers ----------------------------------------------------------
 
 def hf_text_config(spec: ModelSpec):

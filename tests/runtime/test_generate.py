@@ -1,0 +1,115 @@
+"""Incremental decoding against full-forward logits, sampling, stop tokens, and the chunk-bounded cache."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from l4compile.runtime import Engine, RuntimeInputError
+from l4compile.runtime.kv_cache import KVCache
+from l4compile.runtime.sampling import Sampling
+from tests.conftest import TINY_SPECS, token_ids
+
+
+@pytest.fixture(scope="module")
+def engines(built_tiny):
+    return {name: Engine.load(built_tiny(name)) for name in TINY_SPECS}
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+@pytest.mark.parametrize("prefill, step", [(5, 1), (8, 1), (13, 1), (3, 6), (16, 5)])
+def test_cached_steps_match_full_forward(name, prefill, step, engines):
+    """Prefill, then feed the rest `step` tokens at a time: every logit equals the full forward's.
+
+    40 tokens with chunk 8 cross four chunk boundaries, inside steps and between them.
+    """
+    engine = engines[name]
+    ids = token_ids(2, 40, seed=prefill * 7 + step)
+    full = engine.logits(ids)
+    cache = KVCache(engine.manifest, batch=2, max_length=40)
+    got = [engine._step(ids[:, :prefill], cache, logits_start=0)]
+    for start in range(prefill, 40, step):
+        got.append(engine._step(ids[:, start:start + step], cache, logits_start=0))
+    np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-4, rtol=0)
+    assert cache.length == 40
+
+
+def test_chunked_layers_keep_only_their_chunk(engines):
+    engine = engines["tiny-scout"]
+    cache = KVCache(engine.manifest, batch=1, max_length=1000)
+    capacities = [layer.keys.shape[0] for layer in cache.layers]
+    assert capacities == [8, 8, 8, 1000]  # three chunked layers, one global (NoPE) layer
+    naive = 4 * 2 * 1000 * 2 * 16 * 4
+    assert cache.nbytes == naive * (3 * 8 + 1000) // 4000
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+def test_greedy_generate_matches_argmax_of_full_forward(name, engines):
+    engine = engines[name]
+    prompt = token_ids(2, 6, seed=11)
+    out = engine.generate(prompt, max_new_tokens=30, stop_tokens=())
+    assert out.shape == (2, 36) and np.array_equal(out[:, :6], prompt)
+    seq = prompt
+    for _ in range(30):
+        seq = np.concatenate([seq, engine.logits(seq)[:, -1].argmax(-1)[:, None]], axis=1)
+    np.testing.assert_array_equal(out, seq)
+
+
+def test_stream_yields_what_generate_returns(engines):
+    engine = engines["tiny-maverick"]
+    prompt = token_ids(1, 4, seed=5)
+    streamed = list(engine.stream(prompt[0], max_new_tokens=12, temperature=0.8, top_p=0.9, seed=1, stop_tokens=()))
+    again = engine.generate(prompt, max_new_tokens=12, temperature=0.8, top_p=0.9, seed=1, stop_tokens=())
+    assert streamed == again[0, 4:].tolist()
+
+
+def test_seeded_sampling_is_reproducible_and_differs_across_seeds(engines):
+    engine = engines["tiny-scout"]
+    prompt = token_ids(1, 4, seed=2)
+    runs = [engine.generate(prompt, 20, temperature=1.5, seed=s, stop_tokens=()) for s in (1, 1, 2)]
+    assert np.array_equal(runs[0], runs[1]) and not np.array_equal(runs[0], runs[2])
+
+
+def test_stop_tokens_end_generation_and_fill_finished_rows(engines):
+    engine = engines["tiny-scout"]
+    prompt = token_ids(2, 5, seed=4)
+    free = engine.generate(prompt, 10, stop_tokens=())
+    stop = int(free[0, 7])  # the third new token of row 0
+    out = engine.generate(prompt, 10, stop_tokens=(stop,))
+    assert (out[0, 7:] == stop).all()
+    row1 = free[1, 5:].tolist()
+    if stop not in row1:  # row 1 never stops: generation runs to max_new_tokens
+        assert out.shape == (2, 15) and out[1, 5:].tolist() == row1
+
+
+def test_sampling_choices():
+    rng = np.random.default_rng(0)
+    logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]]))
+    assert Sampling().choose(logits, rng).tolist() == [0]
+    assert Sampling(temperature=1.0, top_k=1).choose(logits, rng).tolist() == [0]
+    assert Sampling(temperature=1.0, top_p=0.4).choose(logits, rng).tolist() == [0]
+    draws = np.array([Sampling(temperature=1.0).choose(logits, rng)[0] for _ in range(4000)])
+    np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05], atol=0.03)
+    top_p = np.array([Sampling(temperature=1.0, top_p=0.75).choose(logits, rng)[0] for _ in range(2000)])
+    assert set(top_p.tolist()) == {0, 1}  # 0.5 + 0.3 passes 0.75: the tail is cut
+    top_k = np.array([Sampling(temperature=1.0, top_k=3).choose(logits, rng)[0] for _ in range(2000)])
+    assert set(top_k.tolist()) == {0, 1, 2}
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"temperature": -1}, "temperature must be >= 0"),
+    ({"top_p": 0}, "top_p must be in"),
+    ({"top_k": -2}, "top_k must be >= 0"),
+    ({"max_new_tokens": 5000}, "exceeds the model's maximum context"),
+])
+def test_bad_generation_arguments(kwargs, message, engines):
+    engine = engines["tiny-scout"]
+    args = {"max_new_tokens": 3, **kwargs}
+    with pytest.raises(RuntimeInputError, match=message):
+        engine.generate(np.array([[1, 2]]), **args)
+    assert engine.generate(np.array([[1, 2]]), 2).shape[1] <= 4
+
+
+def test_stream_wants_one_prompt(engines):
+    with pytest.raises(RuntimeInputError, match="one prompt"):
+        next(engines["tiny-scout"].stream(np.array([[1, 2]]), 3))
