@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import onnx
 
@@ -16,10 +17,10 @@ from l4compile.errors import BuildError
 from l4compile.emit.onnx_emitter import emit_onnx
 from l4compile.ir.graph import Graph
 from l4compile.ir.printer import print_ir
+from l4compile.inspect import format_bytes
 from l4compile.ir.verify import verify
 from l4compile.lower import lower
-from l4compile.passes import PassManager, pipeline
-from l4compile.passes.pipelines import DEFAULT_PIPELINE
+from l4compile.passes.pipelines import DEFAULT_PIPELINE, run_pipeline
 from l4compile.runtime.manifest import MANIFEST_FILE, LayerInfo, Manifest, TensorInfo
 from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import WeightSource
@@ -30,7 +31,7 @@ MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
 KV_CACHE_NAMES = {"layout": ["positions", "batch", "kv_heads", "head_dim"], "past_length": "past_length",
                   "logits_start": "logits_start", "past_key": "past_key.{i}", "past_value": "past_value.{i}",
                   "new_key": "new_key.{i}", "new_value": "new_value.{i}"}
-TARGETS = ("onnx",)
+TARGETS = ("onnx", "trt")
 DTYPES = ("float32", "float16", "bfloat16")
 
 
@@ -38,9 +39,26 @@ DTYPES = ("float32", "float16", "bfloat16")
 class BuildOptions:
     target: str = "onnx"
     dtype: str = "float32"
-    pipeline: str | None = None
-    verify: bool = True
+    pipeline: str | None = None          # a named pipeline or a pipeline .yaml file; None: the target's default
+    verify: bool = True                  # run the IR verifier after every pass (the final graph is always checked)
     print_ir: bool = False
+    disable_passes: tuple[str, ...] = ()
+    print_ir_after: str | None = None    # print the IR after this pass
+    verbose: bool = False                # log each pass's time and stats
+    quantize: str | None = None          # "fp8" | "int4": quantization passes appended to the pipeline
+    quantize_activations: bool | None = None   # fp8: calibrated Q/DQ on activations too; None: yes for target trt
+    quantize_embeddings: bool = False    # the embedding table too (int8 rows)
+    engine: Any = None                   # target trt: l4compile.trt.profiles.EngineOptions (None: defaults)
+
+    def quantization(self) -> dict | None:
+        """What --quantize did, for the manifest and the model's metadata."""
+        if self.quantize is None:
+            return None
+        activations = self.quantize_activations
+        if activations is None:   # TensorRT builds FP8 kernels from explicit Q/DQ on weights *and* activations
+            activations = self.target == "trt" and self.quantize == "fp8"
+        return {"weights": self.quantize, "activations": "fp8" if activations else None,
+                "embeddings": "int8" if self.quantize_embeddings else None}
 
 
 @dataclass
@@ -57,16 +75,23 @@ class BuildReport:
         return sum(self.files.values())
 
 
-def compile_graph(spec: ModelSpec, options: BuildOptions,
-                  log: Callable[[str], None] = print) -> tuple[Graph, list]:
-    """Lower and run the target's pipeline, verifying after each pass."""
+def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] = print,
+                  weights: WeightSource | None = None) -> tuple[Graph, list]:
+    """Lower and run the target's pipeline, verifying after each pass. `weights` calibrate
+    activation quantization (without them, as in a dry run, activation scales are 1)."""
     if options.dtype not in DTYPES:
         raise BuildError(f"unsupported build dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
     graph = lower(spec, options.dtype)
-    if options.verify:
+    verify(graph)
+    from l4compile.passes.quantize import quantization_passes
+    from l4compile.passes.quantize_activations import UNCALIBRATED
+    from l4compile.quant.calibrate import Calibration
+    extra = quantization_passes(options.quantization(), options.target,
+                                Calibration(weights) if weights is not None else UNCALIBRATED)
+    name, results = run_pipeline(graph, options.pipeline or DEFAULT_PIPELINE[options.target], options.disable_passes,
+                                 options.verify, options.verbose, options.print_ir_after, log, extra)
+    if not options.verify:
         verify(graph)
-    name = options.pipeline or DEFAULT_PIPELINE[options.target]
-    results = PassManager(pipeline(name), verify_each=options.verify).run(graph)
     graph.metadata["l4compile.pipeline"] = name
     if options.print_ir:
         log(print_ir(graph))
@@ -92,13 +117,15 @@ def _manifest(spec: ModelSpec, graph: Graph, options: BuildOptions, weights: str
         tokens={"bos": spec.tokens.bos, "eos": list(spec.tokens.eos), "pad": spec.tokens.pad},
         weights=weights, compiler_version=__version__, spec=spec.to_dict(),
         kv_cache=KV_CACHE_NAMES if "past_length" in graph.inputs else None,
+        quantization=options.quantization(),
     )
 
 
 def _metadata(spec: ModelSpec, options: BuildOptions) -> dict[str, str]:
     from l4compile.spec import dump_spec_yaml
     return {"l4compile.version": __version__, "l4compile.spec": dump_spec_yaml(spec),
-            "l4compile.spec_name": spec.name, "l4compile.dtype": options.dtype, "l4compile.target": options.target}
+            "l4compile.spec_name": spec.name, "l4compile.dtype": options.dtype, "l4compile.target": options.target,
+            **({"l4compile.quantization": json.dumps(options.quantization())} if options.quantize else {})}
 
 
 def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] = print) -> BuildReport:
@@ -111,6 +138,9 @@ def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] =
             sparse.truncate(artifact.weight_bytes)
         onnx.save_model(artifact.model, Path(tmp) / MODEL_FILE)
         onnx.checker.check_model(str(Path(tmp) / MODEL_FILE), full_check=True)
+        if options.target == "trt":
+            from l4compile.trt.compat import check_file
+            check_file(Path(tmp) / MODEL_FILE).raise_if_incompatible()
     model_bytes = artifact.model.ByteSize()
     return BuildReport(None, {MODEL_FILE: model_bytes, DATA_FILE: artifact.weight_bytes, MANIFEST_FILE: 0},
                        artifact.tensors, artifact.largest_tensor_bytes, results, dry_run=True)
@@ -124,21 +154,26 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
         raise BuildError(f"unknown target {options.target!r}; choose one of {', '.join(TARGETS)}")
     if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file():
         raise BuildError(f"{out_dir} exists and is not an l4compile build directory; refusing to overwrite it")
-    graph, results = compile_graph(spec, options, log)
+    graph, results = compile_graph(spec, options, log, weights)
     parent = out_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
     needed = sum(v.type.nbytes() for v in graph.params())
     free = shutil.disk_usage(parent).free
     if needed > free:
-        raise BuildError(f"the build needs {needed / 1e9:.2f} GB for weights but {parent} has only "
-                         f"{free / 1e9:.2f} GB free")
+        raise BuildError(f"the build needs {format_bytes(needed)} for weights but {parent} has only "
+                         f"{format_bytes(free)} free")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     try:
         artifact = emit_onnx(graph, tmp, weights, DATA_FILE, _metadata(spec, options), progress)
         onnx.save_model(artifact.model, tmp / MODEL_FILE)
         onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
-        _manifest(spec, graph, options, weights.description).write(tmp)
-        _replace_dir(tmp, out_dir)
+        manifest = _manifest(spec, graph, options, weights.description)
+        if options.target == "trt":  # compat report, then an engine or one line saying why not
+            from l4compile.trt.profiles import EngineOptions
+            from l4compile.trt.target import finish_build
+            manifest = finish_build(tmp, out_dir, manifest, options.engine or EngineOptions(), log)
+        manifest.write(tmp)
+        replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -148,7 +183,7 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
     return BuildReport(out_dir, files, artifact.tensors, artifact.largest_tensor_bytes, results)
 
 
-def _replace_dir(new: Path, target: Path) -> None:
+def replace_dir(new: Path, target: Path) -> None:
     """Move `new` into place; an older build at `target` is removed only once the new one is there."""
     if not target.exists():
         os.replace(new, target)

@@ -9,15 +9,7 @@ from pathlib import Path
 
 from l4compile import __version__
 from l4compile.errors import BuildError, L4Error
-from l4compile.inspect import canonical_dtype, parse_size
-
-
-def _size(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1000
-    return f"{n:.2f} TB"
+from l4compile.inspect import canonical_dtype, format_bytes, parse_size
 
 
 def _argtype(convert, what: str):
@@ -51,6 +43,9 @@ def _weights(args: argparse.Namespace, spec):
     from l4compile.weights import RandomWeights
     if args.weights == "random":
         return RandomWeights(args.seed)
+    if Path(args.weights).is_dir():
+        from l4compile.hf.checkpoint import HFCheckpoint
+        return HFCheckpoint.for_spec(args.weights, spec, args.dtype)
     raise BuildError(f"--weights {args.weights!r}: expected 'random' or a Hugging Face checkpoint directory")
 
 
@@ -58,7 +53,13 @@ def cmd_build(args: argparse.Namespace) -> int:
     from l4compile.build import BuildOptions, build, dry_run
     from l4compile.spec import load_spec
     spec = load_spec(args.spec)
-    options = BuildOptions(target=args.target, dtype=args.dtype, pipeline=args.pipeline, print_ir=args.print_ir)
+    options = BuildOptions(target=args.target, dtype=args.dtype, pipeline=args.pipeline, print_ir=args.print_ir,
+                           disable_passes=tuple(args.disable_pass), print_ir_after=args.print_ir_after,
+                           verify=args.verify, verbose=args.verbose)
+    from l4compile.trt.cli import engine_options
+    options.engine = engine_options(args)
+    from l4compile.quant.cli import apply_quantize_args
+    apply_quantize_args(args, options)
     if args.dry_run:
         report = dry_run(spec, options)
         print(f"dry run of {spec.name}: graph verified and ONNX-checked, nothing written")
@@ -70,9 +71,40 @@ def cmd_build(args: argparse.Namespace) -> int:
         report = build(spec, out, _weights(args, spec), options)
         print(f"built {spec.name} -> {out}")
     for name, size in report.files.items():
-        print(f"  {name:<20} {_size(size):>12}")
-    print(f"  {report.tensors} weight tensors, largest {_size(report.largest_tensor_bytes)}, "
-          f"total {_size(report.total_bytes)}")
+        print(f"  {name:<20} {format_bytes(size):>12}")
+    print(f"  {report.tensors} weight tensors, largest {format_bytes(report.largest_tensor_bytes)}, "
+          f"total {format_bytes(report.total_bytes)}")
+    return 0
+
+
+def cmd_passes(args: argparse.Namespace) -> int:
+    from l4compile.passes.pipelines import describe
+    print(describe())
+    return 0
+
+
+def _id_list(text: str) -> list[int]:
+    try:
+        ids = [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise ValueError(f"expected comma-separated token ids like 1,2,3, found {text!r}") from None
+    if not ids:
+        raise ValueError("expected at least one token id")
+    return ids
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    import numpy as np
+    from l4compile.runtime import Engine
+    engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
+    stops = tuple(args.stop_ids) if args.stop_ids is not None else None
+    tokens = engine.stream(np.array(args.prompt_ids), args.max_new_tokens, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops)
+    first = next(tokens, None)  # input errors surface here, before anything is printed
+    print(",".join(map(str, args.prompt_ids + ([first] if first is not None else []))), end="", flush=True)
+    for token in tokens:
+        print(f",{token}", end="", flush=True)
+    print()
     return 0
 
 
@@ -95,16 +127,50 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="compile a spec into a build directory")
     p.add_argument("spec")
-    p.add_argument("--target", default="onnx", choices=["onnx"], help="what to emit (default onnx)")
+    p.add_argument("--target", default="onnx", choices=["onnx", "trt"],
+                   help="what to emit (default onnx; trt: TensorRT-ready ONNX, its compatibility report, and an "
+                        "engine where TensorRT and a GPU are present)")
     p.add_argument("-o", "--output", help="build directory (default build/<spec name>)")
     p.add_argument("--weights", help="'random' or a Hugging Face checkpoint directory")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weight and compute dtype (default float32)")
-    p.add_argument("--pipeline", help="pass pipeline (default: the target's)")
+    p.add_argument("--pipeline", help="pass pipeline: a name (see `l4compile passes`; default: the target's) or a "
+                                      "pipeline .yaml file; 'none' for the straight lowering")
+    p.add_argument("--disable-pass", action="append", default=[], metavar="NAME",
+                   help="leave this pass out of the pipeline (repeatable)")
+    p.add_argument("--print-ir-after", metavar="NAME", help="print the IR after this pass")
+    p.add_argument("--verify", action="store_true", help="run the IR verifier after every pass")
+    p.add_argument("-v", "--verbose", action="store_true", help="print each pass's time and stats")
     p.add_argument("--dry-run", action="store_true", help="build and check the graph, write nothing, load no weights")
     p.add_argument("--print-ir", action="store_true", help="print the IR after the pipeline")
+    from l4compile.trt.cli import add_engine_args, add_engine_command
+    add_engine_args(p, _argtype(_positive_int, "count"))
+    from l4compile.quant.cli import add_quant_report_command, add_quantize_args
+    add_quantize_args(p)
     p.set_defaults(func=cmd_build)
+
+    p = sub.add_parser("passes", help="list the optimization passes and the named pipelines")
+    p.set_defaults(func=cmd_passes)
+
+    p = sub.add_parser("run", help="generate tokens with a build (the embedded runtime)")
+    p.add_argument("build", help="build directory")
+    p.add_argument("--prompt-ids", required=True, type=_argtype(_id_list, "ids"), help="e.g. 1,2,3")
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--stop-ids", type=_argtype(_id_list, "ids"), help="stop token ids (default: the spec's eos)")
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
+                   help="run with this backend instead of the manifest's (a TensorRT build's ONNX runs on onnxruntime)")
+    p.set_defaults(func=cmd_run)
+
+    add_engine_command(sub, _argtype(_positive_int, "count"))
+    add_quant_report_command(sub, _argtype(_positive_int, "count"))
+    from l4compile.hf.commands import add_hf_commands
+    add_hf_commands(sub, _argtype(parse_size, "size"))
     return parser
 
 

@@ -34,3 +34,9 @@ class WeightError(L4Error):
 
 class BuildError(L4Error):
     """A build cannot proceed (disk space, output directory, missing toolchain)."""
+
+
+class PassError(L4Error):
+    """A pipeline cannot run: unknown pass or pipeline, bad options, or a precondition that does not hold."""
+
+    exit_code = 2

@@ -62,6 +62,10 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
       min(context, chunk_size) positions, global layers `context`).
     - `fits` (with `budget_bytes`): per weight dtype, whether its weights plus the chunked
       KV cache at `context` (none without a context) fit in the budget.
+    - `quantized_build_bytes`: the text model's weights as `build --quantize fp8|int4` stores
+      them: matmul weights (attention, FFNs, experts, lm_head) quantized, the router, norms and
+      embeddings in bfloat16 (vision not included: the build compiles the text model); with a
+      budget, `fits_quantized_build` says whether each fits with the KV cache.
 
     ValueError for an unknown dtype, a context < 1 or a negative budget.
     """
@@ -84,6 +88,7 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
         "flops_per_token_parts": {"matmul": 2 * active_matmul_params(spec),
                                   "attention": _attention_flops(spec, context)},
         "weight_bytes": {d: storage_bytes(sum(breakdown.values()), d) for d in DTYPES},
+        "quantized_build_bytes": {d: _quantized_build_bytes(breakdown, d) for d in QUANTIZED_BUILDS},
         "kv_cache": _kv_cache(spec, context, dtype),
     }
     if budget_bytes is not None:
@@ -91,7 +96,19 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
         report["budget_bytes"] = budget_bytes
         report["fits"] = {d: weights + kv <= budget_bytes
                           for d, weights in report["weight_bytes"].items()}
+        report["fits_quantized_build"] = {d: weights + kv <= budget_bytes
+                                          for d, weights in report["quantized_build_bytes"].items()}
     return report
+
+
+QUANTIZED_BUILDS = ("fp8", "int4")
+QUANTIZED_PARTS = ("lm_head", "attention", "dense_ffn", "moe_routed", "moe_shared")   # what --quantize stores quantized
+HIGH_PRECISION_PARTS = ("embedding", "router", "norms")                              # kept in bfloat16
+
+
+def _quantized_build_bytes(breakdown: dict[str, int], dtype: str) -> int:
+    quantized = sum(breakdown[part] for part in QUANTIZED_PARTS)
+    return storage_bytes(quantized, dtype) + storage_bytes(sum(breakdown[p] for p in HIGH_PRECISION_PARTS), "bfloat16")
 
 
 def _layer_rows(spec: ModelSpec) -> list[dict]:
@@ -200,6 +217,21 @@ def _gflop(flops: int) -> str:
     return f"{flops / 1e9:,.1f} GFLOP"
 
 
+def _budget_verdict(report: dict) -> str:
+    """One line: the smallest storage that fits the budget, with its headroom."""
+    kv = report["kv_cache"].get("bytes_chunked", 0)
+    options = [(size, f"{dtype} ({format_bytes(size)})") for dtype, size in report["weight_bytes"].items()]
+    options += [(size, f"build --quantize {dtype} ({format_bytes(size)})")
+                for dtype, size in report["quantized_build_bytes"].items()]
+    fitting = [(size, label) for size, label in options if size + kv <= report["budget_bytes"]]
+    kv_text = f" + KV cache {format_bytes(kv)}" if kv else ""
+    if not fitting:
+        return f"  verdict: {report['name']} does not fit {format_bytes(report['budget_bytes'])} at any dtype"
+    size, label = max(fitting)   # the most precise storage that still fits
+    return (f"  verdict: {report['name']} fits {format_bytes(report['budget_bytes'])} at {label}{kv_text}, "
+            f"{format_bytes(report['budget_bytes'] - size - kv)} to spare")
+
+
 def _format_memory(report: dict) -> str:
     kv = report["kv_cache"]
     lines = ["weights"]
@@ -208,9 +240,16 @@ def _format_memory(report: dict) -> str:
         if "fits" in report:
             fits = "  fits" if report["fits"][dtype] else "  does not fit"
         lines.append(f"  {dtype:<10}{format_bytes(size):>12}{fits}")
+    for dtype, size in report["quantized_build_bytes"].items():
+        fits = ""
+        if "fits_quantized_build" in report:
+            fits = "  fits" if report["fits_quantized_build"][dtype] else "  does not fit"
+        lines.append(f"  {dtype + ' build':<10}{format_bytes(size):>12}{fits}   (build --quantize {dtype}: router, "
+                     "norms, embeddings bfloat16)")
     if "fits" in report:
         lines.append(f"  (budget {format_bytes(report['budget_bytes'])}, weights + chunked "
                      "KV cache at the context)")
+        lines.append(_budget_verdict(report))
     lines.append(f"KV cache ({kv['dtype']}): {format_bytes(kv['bytes_per_token_naive'])} "
                  "per token, every layer keeping every position")
     if "context" in kv:

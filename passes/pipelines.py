@@ -1,22 +1,203 @@
-"""Named pipelines per target. A pipeline is a plain list of passes."""
+"""Passes by name, and pipelines: named lists of (pass, options), declared here per target or in a YAML file.
+
+A pipeline file lists passes by name, each optionally with its options:
+
+    name: my-pipeline            # optional; defaults to the file name
+    passes:
+      - constant-fold
+      - moe-dispatch: {impl: gather}
+      - chunked-attention
+      - cse
+      - dce
+"""
 
 from __future__ import annotations
 
-from typing import Callable
+import dataclasses
+import difflib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
 
-from l4compile.errors import BuildError
+import yaml
+
+from l4compile.errors import PassError
 from l4compile.passes.base import Pass
-from l4compile.passes.cleanup import DeadCodeElimination
+from l4compile.passes.chunked_attention import ChunkedAttention
+from l4compile.passes.cleanup import CommonSubexpressionElimination, ConstantFolding, DeadCodeElimination
+from l4compile.passes.moe_dispatch import MoEDispatch
+from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4
+from l4compile.passes.quantize_activations import QuantizeActivationsFP8
 
-PIPELINES: dict[str, Callable[[], list[Pass]]] = {
-    "none": lambda: [],
-    "onnx-cpu": lambda: [DeadCodeElimination()],
-}
-DEFAULT_PIPELINE = {"onnx": "onnx-cpu", "trt": "onnx-cpu"}
+PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
+    ConstantFolding, MoEDispatch, ChunkedAttention, CommonSubexpressionElimination, DeadCodeElimination,
+    QuantizeFP8, QuantizeINT4, QuantizeActivationsFP8,
+)}
 
 
-def pipeline(name: str) -> list[Pass]:
+@dataclass(frozen=True)
+class Pipeline:
+    name: str
+    description: str
+    passes: tuple[tuple[str, dict[str, Any]], ...]
+
+    def instantiate(self, disable: Iterable[str] = ()) -> list[Pass]:
+        off = set(disable)
+        return [make_pass(name, options) for name, options in self.passes if name not in off]
+
+
+_FAST = (("constant-fold", {}), ("moe-dispatch", {}), ("chunked-attention", {}), ("cse", {}), ("dce", {}))
+
+
+def _with(passes: tuple, name: str, **options: Any) -> tuple:
+    return tuple((n, {**o, **options}) if n == name else (n, o) for n, o in passes)
+
+
+PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
+    Pipeline("none", "the straight lowering, for debugging", ()),
+    Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op, blockwise chunked attention",
+             _with(_FAST, "moe-dispatch", impl="ort")),
+    Pipeline("trt", "standard ONNX ops only (what TensorRT parses): grouped MoE dispatch, blockwise chunked "
+             "attention", _with(_FAST, "moe-dispatch", impl="grouped")),
+)}
+DEFAULT_PIPELINE = {"onnx": "onnx-cpu", "trt": "trt"}
+
+
+def _did_you_mean(name: str, known: Iterable[str]) -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def check_pass_name(name: str, what: str = "pass") -> None:
+    if name not in PASSES:
+        raise PassError(f"unknown {what} {name!r}{_did_you_mean(name, PASSES)}; known passes: "
+                        f"{', '.join(PASSES)}")
+
+
+def make_pass(name: str, options: dict[str, Any] | None = None) -> Pass:
+    """A pass by name with its options, checked against the pass's declared options."""
+    check_pass_name(name)
+    cls = PASSES[name]
+    declared = {f.name: f for f in dataclasses.fields(cls)}
+    for key, value in (options or {}).items():
+        if key not in declared:
+            known = ", ".join(declared) or "none"
+            raise PassError(f"pass {name} has no option {key!r}{_did_you_mean(key, declared)}; options: {known}")
+        default = declared[key].default
+        if default is not dataclasses.MISSING and not isinstance(value, type(default)):
+            raise PassError(f"pass {name}: option {key} must be {type(default).__name__}, got {value!r}")
+    return cls(**(options or {}))
+
+
+def load_pipeline(ref: str) -> Pipeline:
+    """A named pipeline, or a pipeline YAML file (a path ending in .yaml or .yml)."""
+    if ref in PIPELINES:
+        return PIPELINES[ref]
+    if ref.endswith((".yaml", ".yml")):
+        return _read_pipeline_file(Path(ref))
+    raise PassError(f"unknown pipeline {ref!r}{_did_you_mean(ref, PIPELINES)}; known: {', '.join(PIPELINES)}, "
+                    f"or a pipeline .yaml file")
+
+
+def pipeline(ref: str, disable: Iterable[str] = ()) -> list[Pass]:
+    """The passes of a named pipeline or pipeline file, without those named in `disable`."""
+    disable = list(disable)
+    for name in disable:
+        check_pass_name(name, "pass to disable")
+    return load_pipeline(ref).instantiate(disable)
+
+
+def _read_pipeline_file(path: Path) -> Pipeline:
+    if not path.is_file():
+        raise PassError(f"pipeline file {path} does not exist")
     try:
-        return PIPELINES[name]()
-    except KeyError:
-        raise BuildError(f"unknown pipeline {name!r}; known: {', '.join(sorted(PIPELINES))}") from None
+        root = yaml.compose(path.read_text(), Loader=yaml.SafeLoader)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        raise PassError(f"{path}:{mark.line + 1 if mark else '?'}: invalid YAML: {getattr(exc, 'problem', exc)}") \
+            from None
+    data = yaml.safe_load(path.read_text())
+    if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
+        raise PassError(f"{path}: expected a mapping with a 'passes' list")
+    unknown = set(data) - {"name", "description", "passes"}
+    if unknown:
+        raise PassError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected name, description, passes")
+    lines = _entry_lines(root)
+    passes = []
+    for i, entry in enumerate(data["passes"]):
+        where = f"{path}:{lines[i] if i < len(lines) else '?'}: passes[{i}]"
+        if isinstance(entry, dict) and len(entry) == 1:
+            (name, options), = entry.items()
+            options = options or {}
+        else:
+            name, options = entry, {}
+        if not isinstance(name, str) or not isinstance(options, dict):
+            raise PassError(f"{where}: expected a pass name or 'name: {{option: value}}', found {entry!r}")
+        try:
+            make_pass(name, options)
+        except PassError as exc:
+            raise PassError(f"{where}: {exc}") from None
+        passes.append((name, dict(options)))
+    return Pipeline(str(data.get("name", path.stem)), str(data.get("description", f"from {path}")), tuple(passes))
+
+
+def _entry_lines(root: Any) -> list[int]:
+    for key, value in getattr(root, "value", []):
+        if getattr(key, "value", None) == "passes" and isinstance(value, yaml.SequenceNode):
+            return [item.start_mark.line + 1 for item in value.value]
+    return []
+
+
+def run_pipeline(graph: Any, ref: str, disable: Iterable[str] = (), verify_each: bool = True,
+                 verbose: bool = False, print_ir_after: str | None = None,
+                 log: Callable[[str], None] = print, extra: Iterable[Pass] = ()) -> tuple[str, list]:
+    """Run a pipeline on `graph`: -v logs each pass's time and stats, print_ir_after the IR after that pass.
+    `extra` passes run after the pipeline's own (build --quantize appends its passes there).
+
+    Returns the pipeline's label (its name, with any disabled passes and extra ones) and the per-pass results.
+    """
+    from l4compile.ir.printer import print_ir
+    from l4compile.passes.base import PassManager, format_result
+    declared = load_pipeline(ref)
+    extra = list(extra)
+    passes = pipeline(ref, disable) + extra
+    if print_ir_after is not None:
+        check_pass_name(print_ir_after, "pass for --print-ir-after")
+        if not any(p.name == print_ir_after for p in passes):
+            raise PassError(f"--print-ir-after {print_ir_after}: that pass does not run in pipeline {declared.name}")
+
+    def after(p: Pass, g: Any, result: Any) -> None:
+        if verbose:
+            log(format_result(p.name, result))
+        if p.name == print_ir_after:
+            log(f"// IR after {p}\n{print_ir(g)}")
+
+    if verbose:
+        log(f"pipeline {declared.name}: {', '.join(str(p) for p in passes) or '(no passes)'}")
+    results = PassManager(passes, verify_each=verify_each, after_pass=after).run(graph)
+    off = [name for name, _ in declared.passes if name in set(disable)]
+    label = declared.name + (f" (without {', '.join(dict.fromkeys(off))})" if off else "")
+    label += "".join(f" + {p.name}" for p in extra)
+    return label, results
+
+
+def describe() -> str:
+    """`l4compile passes`: every pass with its options and contract, then the named pipelines."""
+    lines = ["passes:"]
+    for name, cls in PASSES.items():
+        lines.append(f"  {name:<24} {cls.description}")
+        options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
+        if options:
+            lines.append(f"  {'':<24} options: {options}")
+        contract = [f"{key}: {', '.join(values)}" for key, values in (("requires", cls.requires),
+                                                                       ("ensures", cls.ensures)) if values]
+        if contract:
+            lines.append(f"  {'':<24} {'; '.join(contract)}")
+    lines.append("pipelines:")
+    for name, p in PIPELINES.items():
+        targets = [t for t, default in DEFAULT_PIPELINE.items() if default == name]
+        default = f" (default for --target {', '.join(targets)})" if targets else ""
+        lines.append(f"  {name:<24} {p.description}{default}")
+        lines.append(f"  {'':<24} {', '.join(str(make_pass(n, o)) for n, o in p.passes) or '(no passes)'}")
+    lines.append("or --pipeline FILE.yaml: a list of passes with options (see passes/pipelines.py)")
+    return "\n".join(lines)

@@ -1,8 +1,9 @@
-"""Engine: a loaded build, run with onnxruntime on the CPU by default.
+"""Engine: a loaded build, run with onnxruntime on the CPU by default, or TensorRT where its manifest says so.
 
 `logits` runs a full forward; `generate` and `stream` prefill once, then decode
-token by token against a preallocated KV cache bound to the session with IO
-binding (new keys and values are written by the model straight into the cache).
+token by token against a preallocated KV cache. One step of the model is the
+backend's (runtime/ort_backend.py, runtime/trt_backend.py); the cache, sampling
+and generation are the Engine's, the same for every backend.
 """
 
 from __future__ import annotations
@@ -17,37 +18,30 @@ from l4compile.runtime.kv_cache import KVCache
 from l4compile.runtime.manifest import Manifest
 from l4compile.runtime.sampling import Sampling
 
-ORT_TYPES = {"float32": np.float32, "float16": np.float16}
-
 
 class Engine:
     """A compiled model ready to run. `Engine.load(build_dir)` reads the manifest and picks the backend."""
 
-    def __init__(self, directory: Path, manifest: Manifest, session) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, backend) -> None:
         self.directory = directory
         self.manifest = manifest
-        self._session = session
+        self.backend = backend
         self._kv = manifest.kv_cache
 
     @classmethod
-    def load(cls, directory: str | Path, providers: list[str] | None = None, threads: int | None = None) -> "Engine":
+    def load(cls, directory: str | Path, providers: list[str] | None = None, threads: int | None = None,
+             backend: str | None = None) -> "Engine":
+        """`backend` overrides the manifest's ("onnxruntime" runs a TensorRT build's ONNX, e.g. to compare)."""
         directory = Path(directory)
         manifest = Manifest.read(directory)
-        if manifest.backend != "onnxruntime":
-            raise BuildDirError(f"{directory}: backend {manifest.backend!r} is not available in this runtime")
-        model = directory / manifest.files["model"]
-        if not model.is_file():
-            raise BuildDirError(f"{directory}: model file {manifest.files['model']} is missing")
-        import onnxruntime as ort
-        providers = providers or ["CPUExecutionProvider"]
-        if manifest.dtype == "bfloat16" and providers == ["CPUExecutionProvider"]:
-            raise BuildDirError(f"{directory}: a bfloat16 build needs a GPU execution provider (onnxruntime's CPU "
-                                "provider has no bfloat16 kernels); rebuild with --dtype float16 or float32 for CPU")
-        options = ort.SessionOptions()
-        if threads:
-            options.intra_op_num_threads = threads
-        session = ort.InferenceSession(str(model), options, providers=providers)
-        return cls(directory, manifest, session)
+        name = backend or manifest.backend
+        if name == "onnxruntime":
+            from l4compile.runtime.ort_backend import OnnxRuntimeBackend
+            return cls(directory, manifest, OnnxRuntimeBackend.load(directory, manifest, providers, threads))
+        if name == "tensorrt":
+            from l4compile.runtime.trt_backend import TensorRTBackend
+            return cls(directory, manifest, TensorRTBackend.load(directory, manifest))
+        raise BuildDirError(f"{directory}: backend {name!r} is not available in this runtime")
 
     @property
     def vocab_size(self) -> int:
@@ -81,40 +75,13 @@ class Engine:
         """Full forward: ids int [batch, seq] -> float32 logits [batch, seq, vocab]."""
         ids = self.check_ids(ids)
         if self._kv is None:
-            return self._session.run(["logits"], {"input_ids": ids})[0]
+            return self.backend.forward(ids)
         cache = KVCache(self.manifest, ids.shape[0], ids.shape[1])
         return self._step(ids, cache, logits_start=0)
 
     def _step(self, ids: np.ndarray, cache: KVCache, logits_start: int) -> np.ndarray:
         """Run `ids` after the cached positions; new keys/values go into the cache."""
-        kv = self._kv
-        io = self._session.io_binding()
-        io.bind_cpu_input("input_ids", ids)
-        io.bind_cpu_input(kv["past_length"], np.array(cache.length, dtype=np.int64))
-        io.bind_cpu_input(kv["logits_start"], np.array(logits_start, dtype=np.int64))
-        for layer, (keys, values) in zip(cache.layers, cache.views()):
-            io.bind_cpu_input(kv["past_key"].format(i=layer.index), keys)
-            io.bind_cpu_input(kv["past_value"].format(i=layer.index), values)
-        io.bind_output("logits", "cpu")
-        copied = []
-        for layer, slot in zip(cache.layers, cache.output_slots(ids.shape[1])):
-            names = kv["new_key"].format(i=layer.index), kv["new_value"].format(i=layer.index)
-            if slot is None:
-                copied.append(layer.index)
-                for name in names:
-                    io.bind_output(name, "cpu")
-            else:
-                for name, view in zip(names, slot):
-                    io.bind_output(name, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
-        self._session.run_with_iobinding(io)
-        outputs = io.get_outputs()
-        logits = outputs[0].numpy()
-        fresh = outputs[1:]
-        copies = {}
-        for n, index in enumerate(copied):
-            copies[[layer.index for layer in cache.layers].index(index)] = (fresh[2 * n].numpy(), fresh[2 * n + 1].numpy())
-        cache.commit(ids.shape[1], copies)
-        return logits
+        return self.backend.step(ids, cache, logits_start)
 
     # ---- generation -------------------------------------------------------
     def generate(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,

@@ -51,6 +51,9 @@ class Manifest:
     weights: str = ""
     compiler_version: str = ""
     spec: dict[str, Any] = field(default_factory=dict)   # the spec, in its YAML layout
+    quantization: dict[str, Any] | None = None           # what build --quantize stored quantized; None: nothing
+    # target "trt": engine status, precision, limits and profiles (l4compile.trt.profiles); None otherwise
+    trt: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}, indent=2)

@@ -22,8 +22,9 @@ from l4compile.ir.graph import Graph, Value
 from l4compile.ir.op import ONNX_DTYPES, OnnxBuilder, get_op
 from l4compile.ir.types import TensorType
 from l4compile.weights.base import WeightSource
+from l4compile.weights.derived import with_derived
 
-OPSET = 18
+OPSET = 21  # DequantizeLinear / QuantizeLinear with float8 (19) and block-wise scales (21)
 ALIGN = 64  # byte alignment of each tensor in the data file (keeps mmap reads aligned)
 
 
@@ -69,6 +70,7 @@ def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
               progress=None) -> OnnxArtifact:
     """Lower every IR node to ONNX; stream parameters into out_dir/data_file (skipped when weights is None)."""
     b = OnnxBuilder(OPSET)
+    weights = with_derived(weights) if weights is not None else None
     env = {name: name for name in graph.inputs}
     initializers: list[TensorProto] = []
     for const in graph.consts():
@@ -114,9 +116,11 @@ def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
         outputs=outputs,
         initializer=initializers + b.initializers,
     )
-    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)],
+    contrib = sorted({n.domain for n in b.nodes if n.domain})  # com.microsoft where a pass chose ORT ops
+    model = helper.make_model(onnx_graph, opset_imports=[helper.make_opsetid("", OPSET)] +
+                              [helper.make_opsetid(domain, 1) for domain in contrib],
                               producer_name="l4compile", producer_version=__version__)
-    model.ir_version = 9  # readable by onnxruntime >= 1.16
+    model.ir_version = 10  # opset 21; readable by onnxruntime >= 1.18
     meta = {**graph.metadata, **(metadata or {})}
     helper.set_model_props(model, meta)
     return OnnxArtifact(model, data_file, offset, len(params), largest, meta)

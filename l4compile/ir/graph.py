@@ -24,6 +24,8 @@ class Value:
     producer: str | None = None          # node name for kind == "node"
     data: np.ndarray | None = None       # for kind == "const"
     init: str = "normal"                 # for kind == "param": how random weights are drawn
+    derived: Any = None                  # for kind == "param": computed from another parameter
+                                         # (a `l4compile.weights.derived.Derived`, e.g. quantized)
 
 
 @dataclass
@@ -59,8 +61,8 @@ class Graph:
         self.inputs.append(name)
         return self._new_value(Value(name, type, "input"))
 
-    def add_param(self, name: str, type: TensorType, init: str = "normal") -> str:
-        return self._new_value(Value(name, type, "param", init=init))
+    def add_param(self, name: str, type: TensorType, init: str = "normal", derived: Any = None) -> str:
+        return self._new_value(Value(name, type, "param", init=init, derived=derived))
 
     def add_const(self, name: str, data: np.ndarray) -> str:
         from l4compile.ir.types import DTYPES

@@ -9,7 +9,8 @@ Torch is passed in as a module so that the compiler imports without it.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
@@ -37,6 +38,13 @@ class Op(ABC):
              types: list[TensorType]) -> list[str]:
         """Emit standard ONNX nodes; returns the ONNX names of the outputs."""
 
+    def weight_inputs(self, attrs: dict[str, Any]) -> dict[int, int]:
+        """Inputs that are matmul weights, each mapped to its input-feature (reduction) axis.
+
+        Weight-only quantization reads this: per-output-channel scales reduce over that axis.
+        """
+        return {}
+
 
 def register(cls: type[Op]) -> type[Op]:
     op = cls()
@@ -60,7 +68,8 @@ def all_ops() -> dict[str, Op]:
 
 
 def _load_opsets() -> None:
-    from l4compile.ir import ops_attention, ops_cache, ops_core, ops_moe  # noqa: F401  (registration side effect)
+    from l4compile.ir import (ops_attention, ops_cache, ops_chunked_attention, ops_core, ops_moe,  # noqa: F401
+                              ops_moe_dispatch, ops_quant)  # (registration side effect)
 
 
 def expect(cond: bool, op: str, message: str) -> None:
@@ -68,7 +77,7 @@ def expect(cond: bool, op: str, message: str) -> None:
         raise IRError(f"{op}: {message}")
 
 
-ONNX_DTYPES = {"float32": 1, "uint8": 2, "int32": 6, "int64": 7, "bool": 9, "float16": 10,
+ONNX_DTYPES = {"float32": 1, "uint8": 2, "int8": 3, "int32": 6, "int64": 7, "bool": 9, "float16": 10,
                "bfloat16": 16, "float8e4m3fn": 17, "int4": 22}
 
 
@@ -99,6 +108,15 @@ class OnnxBuilder:
         self.nodes.append(self._helper.make_node(op_type, list(inputs), outs, name=self.fresh(op_type + "_node"),
                                                  domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
+
+    @contextmanager
+    def capture(self) -> Iterator[list[Any]]:
+        """Nodes emitted inside the block go to the yielded list (a Loop or If body), not to the graph."""
+        outer, self.nodes = self.nodes, []
+        try:
+            yield self.nodes
+        finally:
+            self.nodes = outer
 
     def const(self, value: Any, dtype: str | None = None) -> str:
         """A small constant, deduplicated by value."""

@@ -71,9 +71,11 @@ class KeyPositions(Op):
         past_length, past, ids = inputs
         cached = b.node("Gather", [b.node("Shape", [past]), b.const(0, "int64")], axis=0)
         new = b.node("Gather", [b.node("Shape", [ids]), b.const(1, "int64")], axis=0)
+        # The length comes from shapes alone (cached + new), the values from past_length: TensorRT then
+        # sizes this without reading past_length, which stays an ordinary (device) input.
+        offsets = b.node("Range", [b.const(0, "int64"), b.node("Add", [cached, new]), b.const(1, "int64")])
         start = b.node("Sub", [past_length, cached])
-        end = b.node("Add", [past_length, new])
-        return [b.node("Unsqueeze", [b.node("Range", [start, end, b.const(1, "int64")]), b.int64s(0)])]
+        return [b.node("Unsqueeze", [b.node("Add", [offsets, start]), b.int64s(0)])]
 
 
 @register

@@ -55,6 +55,9 @@ class Linear(Op):
         x, w = inputs
         return [x @ (w.t() if attrs.get("transpose_weight") else w)]
 
+    def weight_inputs(self, attrs):
+        return {1: 1 if attrs.get("transpose_weight") else 0}
+
     def onnx(self, b, inputs, attrs, types):
         x, w = inputs
         if attrs.get("transpose_weight"):

@@ -71,6 +71,9 @@ class MoEExperts(Op):
         routed_out = torch.bmm(up * torch.nn.functional.silu(gate), down)
         return [routed_out.sum(dim=0).reshape(x.shape)]
 
+    def weight_inputs(self, attrs):
+        return {2: 1, 3: 1}  # gate_up [E, H, 2F] and down [E, F, H] reduce over their middle axis
+
     def onnx(self, b, inputs, attrs, types):
         x, scores, gate_up, down = inputs
         e, h, f2 = types[2].shape

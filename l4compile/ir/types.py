@@ -10,9 +10,9 @@ from l4compile.errors import IRError
 # A dimension is a concrete size or a symbol ("batch", "seq", "past", "batch*seq").
 Dim = Union[int, str]
 
-DTYPES = ("float32", "float16", "bfloat16", "float8e4m3fn", "int64", "int32", "bool", "int4", "uint8")
+DTYPES = ("float32", "float16", "bfloat16", "float8e4m3fn", "int64", "int32", "bool", "int4", "uint8", "int8")
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float8e4m3fn": 1, "int64": 8, "int32": 4,
-               "bool": 1, "int4": 0.5, "uint8": 1}
+               "bool": 1, "int4": 0.5, "uint8": 1, "int8": 1}
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,10 @@ from l4compile.ir.graph import Value
 
 def numpy_dtype(dtype: str) -> np.dtype:
     """numpy dtype of an IR dtype (bfloat16 and float8 through ml_dtypes)."""
-    if dtype in ("bfloat16", "float8e4m3fn"):
+    ml_names = {"bfloat16": "bfloat16", "float8e4m3fn": "float8_e4m3fn"}
+    if dtype in ml_names:
         import ml_dtypes
-        return np.dtype(getattr(ml_dtypes, dtype))
+        return np.dtype(getattr(ml_dtypes, ml_names[dtype]))
     return np.dtype(dtype)
 
 

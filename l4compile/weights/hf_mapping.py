@@ -12,6 +12,10 @@ from dataclasses import dataclass
 import numpy as np
 
 TEXT_PREFIXES = ("", "language_model.")  # text-only checkpoint / multimodal checkpoint
+MULTIMODAL_PREFIX = "language_model."
+# Tensors of a multimodal checkpoint that the text model does not read (the vision tower is
+# compiled on its own), and rotary buffers that old checkpoints carry.
+VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
 @dataclass(frozen=True)
@@ -35,3 +39,12 @@ def hf_name_of(ir_name: str) -> TensorMapping:
         return TensorMapping(ir_name, f"model.{ir_name}", transpose=False)
     is_linear = ir_name.endswith(("_proj", ".router"))
     return TensorMapping(ir_name, f"model.{ir_name}.weight", transpose=is_linear)
+
+
+def unused_by_text_model(hf_name: str, tie_word_embeddings: bool) -> bool:
+    """A checkpoint tensor (full name) that the text model does not bind, by design: the vision
+    tower, rotary frequency buffers, and `lm_head.weight` when the embeddings are tied (transformers
+    ties it to the input embedding too)."""
+    text_name = hf_name[len(MULTIMODAL_PREFIX):] if hf_name.startswith(MULTIMODAL_PREFIX) else hf_name
+    return (hf_name.startswith(VISION_PREFIXES) or text_name.endswith("rotary_emb.inv_freq")
+            or (tie_word_embeddings and text_name == "lm_head.weight"))

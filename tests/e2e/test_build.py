@@ -88,9 +88,19 @@ def test_print_ir(tmp_path):
     r = cli("build", spec_path("tiny-maverick"), "--dry-run", "--print-ir")
     assert r.returncode == 0, r.stderr
     assert "graph tiny-maverick(%input_ids: int64[batch, seq], %past_length: int64[]" in r.stdout
-    assert "moe_experts(" in r.stdout
+    assert "moe_dispatch(" in r.stdout   # the default pipeline fuses MoE blocks (`--pipeline none` keeps moe_experts)
 
 
 def test_version_and_help():
     assert cli("--version").stdout.startswith("l4compile ")
     assert "build" in cli("--help").stdout
+
+
+def test_build_that_cannot_fit_on_disk_says_so_up_front(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(BuildError, match=r"needs 825.60 KB for weights but .* has only 1.00 KB free"):
+        build(load("tiny-scout"), tmp_path / "m", RandomWeights(0), BuildOptions(), log=lambda _: None)
+    assert list(tmp_path.iterdir()) == []

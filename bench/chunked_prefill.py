@@ -1,0 +1,121 @@
+"""Chunked-attention benchmark: prefill through a [seq, seq] mask ("masked", the lowered form) against
+blockwise chunked attention (the chunked-attention pass), at 1k, 2k, 4k and 8k tokens, chunk 256.
+
+Two models, each built twice from the same random weights (seed 0) with the onnx-cpu pipeline, with
+and without the chunked-attention pass:
+  bench-16e              the benchmark spec as it is: 6 chunked (RoPE) layers and 2 global (NoPE)
+                         layers, which attend to every earlier token in both variants
+  bench-16e-all-chunked  the same with no NoPE layer (nope_layers: []): only the pass's own effect
+
+What is measured, per (model, variant, length), each in a fresh subprocess so that nothing carries
+over: wall time of one prefill (batch 1, `Engine._step` with logits for the last position only, as
+generation does), the best of `--repeats` runs; and the process's peak resident memory (ru_maxrss,
+which is what onnxruntime's arena really takes, unlike tracemalloc), with the resident memory right
+after the model was loaded, so the prefill's own peak is the difference.
+
+    python bench/chunked_prefill.py [--threads 2] [--lengths 1024,2048,4096,8192] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+VARIANTS = {"masked": ("chunked-attention",), "blockwise": ()}   # passes left out of onnx-cpu
+
+
+def models():
+    from l4compile.spec import loads_spec
+    text = (ROOT / "specs" / "bench-16e.yaml").read_text()
+    all_chunked = text.replace("name: bench-16e", "name: bench-16e-all-chunked").replace(
+        "nope_interval: 4", "nope_layers: []")
+    return {"bench-16e": loads_spec(text, "bench-16e.yaml"),
+            "bench-16e-all-chunked": loads_spec(all_chunked, "bench-16e-all-chunked")}
+
+
+def rss_now() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(build_dir: str, seq: int, threads: int, repeats: int) -> None:
+    """One measurement: load, prefill `seq` tokens `repeats` times, print JSON."""
+    from l4compile.runtime import Engine
+    from l4compile.runtime.kv_cache import KVCache
+    engine = Engine.load(build_dir, threads=threads)
+    loaded = rss_now()
+    ids = np.random.default_rng(0).integers(0, engine.vocab_size, (1, seq), dtype=np.int64)
+    times = []
+    for _ in range(repeats):
+        cache = KVCache(engine.manifest, 1, seq)
+        start = time.perf_counter()
+        engine._step(ids, cache, logits_start=seq - 1)
+        times.append(time.perf_counter() - start)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    print(json.dumps({"seconds": min(times), "peak": peak, "loaded": loaded}))
+
+
+def measure(build_dir: Path, seq: int, threads: int, repeats: int) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--child", str(build_dir), str(seq), str(threads), str(repeats)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--lengths", default="1024,2048,4096,8192")
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        build_dir, seq, threads, repeats = args.child
+        child(build_dir, int(seq), int(threads), int(repeats))
+        return
+    from l4compile.build import BuildOptions, build
+    from l4compile.weights import RandomWeights
+    lengths = [int(n) for n in args.lengths.split(",")]
+    rows = {}
+    with tempfile.TemporaryDirectory(prefix="bench-chunked-") as tmp:
+        for model, spec in models().items():
+            for variant, disabled in VARIANTS.items():
+                out = Path(tmp) / f"{model}-{variant}"
+                build(spec, out, RandomWeights(0), BuildOptions(pipeline="onnx-cpu", disable_passes=disabled),
+                      log=lambda _: None)
+                for seq in lengths:
+                    r = measure(out, seq, args.threads, args.repeats)
+                    rows[model, variant, seq] = r
+                    print(f"{model:<22} {variant:<9} {seq:>5} tokens: {r['seconds']:7.2f} s, peak RSS "
+                          f"{r['peak'] / 2**20:7.0f} MiB (loaded {r['loaded'] / 2**20:.0f} MiB)", flush=True)
+    print()
+    print(f"prefill, batch 1, chunk 256, {args.threads} threads (onnxruntime CPU), best of {args.repeats}; "
+          f"peak = ru_maxrss of a fresh process, 'prefill' = peak minus RSS after loading")
+    for model in models():
+        print(f"\n{model}")
+        print(f"{'tokens':>6} {'masked s':>9} {'blockwise s':>12} {'speedup':>8} {'masked MiB':>11} "
+              f"{'blockwise MiB':>14} {'prefill MiB masked/blockwise':>29}")
+        for seq in lengths:
+            m, b = rows[model, "masked", seq], rows[model, "blockwise", seq]
+            grow_m, grow_b = (m["peak"] - m["loaded"]) / 2**20, (b["peak"] - b["loaded"]) / 2**20
+            print(f"{seq:>6} {m['seconds']:9.2f} {b['seconds']:12.2f} {m['seconds'] / b['seconds']:7.2f}x "
+                  f"{m['peak'] / 2**20:11.0f} {b['peak'] / 2**20:14.0f} {grow_m:17.0f} / {grow_b:<9.0f}")
+        for variant in VARIANTS:
+            steps = [rows[model, variant, b]["seconds"] / rows[model, variant, a]["seconds"]
+                     for a, b in zip(lengths, lengths[1:])]
+            print(f"  {variant:<9} time x per doubling of tokens: {', '.join(f'{s:.2f}' for s in steps)} "
+                  f"(linear 2.0, quadratic 4.0)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,87 @@
+"""The `import-hf` and `export-hf` subcommands (registered by l4compile.cli)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from l4compile.errors import BuildError, WeightError
+
+SPEC_HEADER = "# Written by `l4compile import-hf` from {config}.\n"
+
+
+def cmd_import_hf(args: argparse.Namespace) -> int:
+    from l4compile.hf.config import load_hf_config, spec_from_hf_config
+    from l4compile.spec import dump_spec_yaml
+    config, file = load_hf_config(args.checkpoint)
+    name = args.name or (file.parent.resolve().name or "imported")
+    text = SPEC_HEADER.format(config=file) + dump_spec_yaml(spec_from_hf_config(config, name, str(file)))
+    if args.output is None:
+        print(text, end="")
+        return 0
+    out = Path(args.output)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote spec {name} -> {out}")
+    return 0
+
+
+def cmd_export_hf(args: argparse.Namespace) -> int:
+    from l4compile.hf.export import export_from_build, export_state_dict
+    source, out = Path(args.source), Path(args.output)
+    if (source / "manifest.json").is_file():
+        if args.spec:
+            raise BuildError("--spec is for a state_dict file; a build directory carries its own spec")
+        report = export_from_build(source, out, args.dtype, args.max_shard_size)
+    elif source.is_file():
+        if not args.spec:
+            raise BuildError(f"{source}: a state_dict file needs --spec SPEC (the spec it was trained with)")
+        from l4compile.spec import load_spec
+        spec = load_spec(args.spec)
+        report = export_state_dict(_load_state_dict(source), spec, out, args.dtype or "float32",
+                                   args.max_shard_size)
+    else:
+        raise BuildError(f"{source}: expected a build directory or a torch state_dict file")
+    print(f"exported {report.tensors} tensors -> {out}")
+    for name, size in report.files.items():
+        print(f"  {name:<40} {size:>14,d} B")
+    return 0
+
+
+def _load_state_dict(path: Path) -> dict:
+    """A GraphModule state_dict saved with torch.save (or a dict holding it under 'state_dict')."""
+    try:
+        import torch
+    except ImportError:
+        raise BuildError("exporting a state_dict file needs torch: pip install 'l4compile[torch]'") from None
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a file that is not a checkpoint
+        raise WeightError(f"{path}: not a torch state_dict ({type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+    if isinstance(data, dict) and isinstance(data.get("state_dict"), dict):
+        data = data["state_dict"]
+    if not isinstance(data, dict):
+        raise WeightError(f"{path}: expected a state_dict (a dict of tensors), found {type(data).__name__}")
+    return data
+
+
+def add_hf_commands(sub: argparse._SubParsersAction, size_type: Callable[[str], int]) -> None:
+    """Register import-hf and export-hf; `size_type` parses sizes like 5GB."""
+    p = sub.add_parser("import-hf", help="write a spec from a Hugging Face checkpoint's config.json")
+    p.add_argument("checkpoint", help="checkpoint directory, or its config.json")
+    p.add_argument("-o", "--output", help="spec file to write (default: print it)")
+    p.add_argument("--name", help="spec name (default: the checkpoint directory's name)")
+    p.set_defaults(func=cmd_import_hf)
+
+    p = sub.add_parser("export-hf", help="write a Hugging Face checkpoint (config.json + safetensors) "
+                                         "from a build directory or a trained state_dict")
+    p.add_argument("source", help="build directory, or a GraphModule state_dict saved with torch.save")
+    p.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
+    p.add_argument("--spec", help="the spec of a state_dict source")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
+                   help="tensor dtype (default: the build's, float32 for a state_dict)")
+    p.add_argument("--max-shard-size", type=size_type, default=5 * 10**9,
+                   help="largest safetensors shard, e.g. 5GB (default); more shards get an index")
+    p.set_defaults(func=cmd_export_hf)

@@ -1,0 +1,44 @@
+"""Command-line parts of quantization: `build --quantize ...` and `l4compile quant-report`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--quantize", choices=["fp8", "int4"],
+                   help="store weights quantized: fp8 (E4M3, per-output-channel scales) or int4 (blocks of 32, "
+                        "onnxruntime MatMulNBits); router, norms and embeddings stay high precision")
+    p.add_argument("--quantize-activations", action=argparse.BooleanOptionalAction, default=None,
+                   help="fp8: calibrated per-tensor Q/DQ on activations too, as TensorRT expects (default: on for "
+                        "--target trt, off for onnx)")
+    p.add_argument("--quantize-embeddings", action="store_true",
+                   help="quantize the embedding table too (int8 rows)")
+
+
+def apply_quantize_args(args: argparse.Namespace, options) -> None:
+    """Copy the --quantize flags onto BuildOptions."""
+    options.quantize = args.quantize
+    options.quantize_activations = args.quantize_activations
+    options.quantize_embeddings = args.quantize_embeddings
+
+
+def cmd_quant_report(args: argparse.Namespace) -> int:
+    from l4compile.quant.report import compare_builds, format_comparison
+    report = compare_builds(args.build, args.reference, batches=args.batches, batch_size=args.batch_size,
+                            seq_len=args.seq_len, threads=args.threads)
+    print(json.dumps(report, indent=2) if args.json else format_comparison(report), end="" if not args.json else "\n")
+    return 0
+
+
+def add_quant_report_command(sub, positive_int) -> None:
+    p = sub.add_parser("quant-report", help="accuracy and size of a quantized build against an unquantized one")
+    p.add_argument("build", help="the quantized build directory")
+    p.add_argument("--reference", required=True, help="the unquantized build directory of the same spec")
+    p.add_argument("--batches", type=positive_int, default=4, help="prompt batches (default 4)")
+    p.add_argument("--batch-size", type=positive_int, default=2, help="prompts per batch (default 2)")
+    p.add_argument("--seq-len", type=positive_int, default=64, help="tokens per prompt (default 64)")
+    p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_quant_report)

@@ -1,0 +1,81 @@
+"""`l4compile quant-report`: a quantized build against its unquantized reference, on the same prompts.
+
+Both builds run in onnxruntime through the runtime's Engine (a full forward per prompt batch).
+Reported: logits cosine similarity per token position (mean and worst), top-1 agreement, max and
+mean absolute logit error, and the size of each build's files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from l4compile.errors import BuildError
+from l4compile.quant.calibrate import token_batches
+
+REPORT_SEED = 0   # the fixed prompts (calibration draws its own, with another seed)
+
+
+def logits_agreement(got: np.ndarray, want: np.ndarray) -> dict[str, float]:
+    """Cosine per position, top-1 agreement and absolute error of logits [..., vocab]."""
+    dot = (got * want).sum(-1)
+    cosine = dot / np.maximum(np.linalg.norm(got, axis=-1) * np.linalg.norm(want, axis=-1), 1e-30)
+    error = np.abs(got - want)
+    return {"cosine_mean": float(cosine.mean()), "cosine_min": float(cosine.min()),
+            "top1_agreement": float((got.argmax(-1) == want.argmax(-1)).mean()),
+            "max_abs_error": float(error.max()), "mean_abs_error": float(error.mean())}
+
+
+def _files(directory: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def compare_builds(build_dir: str | Path, reference_dir: str | Path, batches: int = 4, batch_size: int = 2,
+                   seq_len: int = 64, threads: int | None = None) -> dict:
+    """The report as plain data (what `quant-report --json` prints)."""
+    from l4compile.runtime import Engine
+    build_dir, reference_dir = Path(build_dir), Path(reference_dir)
+    engine, reference = Engine.load(build_dir, threads=threads), Engine.load(reference_dir, threads=threads)
+    if engine.manifest.spec_hash != reference.manifest.spec_hash:
+        raise BuildError(f"{build_dir} ({engine.manifest.model_name}) and {reference_dir} "
+                         f"({reference.manifest.model_name}) are builds of different specs")
+    seq_len = min(seq_len, engine.max_context)
+    prompts = token_batches(engine.vocab_size, batches, batch_size, seq_len, REPORT_SEED)
+    got = np.concatenate([engine.logits(ids) for ids in prompts])
+    want = np.concatenate([reference.logits(ids) for ids in prompts])
+    files, ref_files = _files(build_dir), _files(reference_dir)
+    weights_file = engine.manifest.files["weights"]
+    return {
+        "build": str(build_dir), "reference": str(reference_dir),
+        "quantization": engine.manifest.quantization, "reference_quantization": reference.manifest.quantization,
+        "prompts": {"batches": batches, "batch_size": batch_size, "seq_len": seq_len, "seed": REPORT_SEED},
+        **logits_agreement(got, want),
+        "weight_bytes": files.get(weights_file, 0), "reference_weight_bytes": ref_files.get(weights_file, 0),
+        "files": files, "reference_files": ref_files,
+    }
+
+
+def format_comparison(report: dict) -> str:
+    from l4compile.inspect import format_bytes
+
+    def what(quantization: dict | None) -> str:
+        if not quantization:
+            return "not quantized"
+        parts = [f"{quantization['weights']} weights"]
+        parts += [f"{quantization[k]} {k}" for k in ("activations", "embeddings") if quantization.get(k)]
+        return ", ".join(parts)
+    p = report["prompts"]
+    ratio = report["weight_bytes"] / max(report["reference_weight_bytes"], 1)
+    total, ref_total = sum(report["files"].values()), sum(report["reference_files"].values())
+    return "\n".join([
+        f"build      {report['build']}  ({what(report['quantization'])})",
+        f"reference  {report['reference']}  ({what(report['reference_quantization'])})",
+        f"prompts    {p['batches'] * p['batch_size']} x {p['seq_len']} random token ids (seed {p['seed']})",
+        f"logits cosine     mean {report['cosine_mean']:.5f}   worst position {report['cosine_min']:.5f}",
+        f"top-1 agreement   {report['top1_agreement']:.1%}",
+        f"abs logit error   max {report['max_abs_error']:.4f}   mean {report['mean_abs_error']:.4f}",
+        f"weights file      {format_bytes(report['weight_bytes'])} vs {format_bytes(report['reference_weight_bytes'])}"
+        f"  ({ratio:.3f}x)",
+        f"all files         {format_bytes(total)} vs {format_bytes(ref_total)}  ({total / max(ref_total, 1):.3f}x)",
+    ]) + "\n"

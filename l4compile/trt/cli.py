@@ -1,0 +1,46 @@
+"""Command-line pieces of the TensorRT target: engine flags of `build --target trt`, and `l4compile engine`."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Callable
+
+from l4compile.errors import BuildError
+from l4compile.trt.profiles import DEFAULT_MAX_SEQ, PRECISIONS, EngineOptions
+
+FLAGS = ("precision", "max_batch", "max_seq", "timing_cache")
+
+
+def add_engine_args(p: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help="TensorRT engine precision (default fp16; fp8 for a model with FP8 Q/DQ)")
+    p.add_argument("--max-batch", type=positive_int, help="largest batch the engine's profiles cover (default 1)")
+    p.add_argument("--max-seq", type=positive_int,
+                   help=f"longest sequence, prompt plus generated tokens (default min(context, {DEFAULT_MAX_SEQ}))")
+    p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache to reuse and update "
+                   "(default BUILD_DIR/timing.cache)")
+
+
+def engine_options(args: argparse.Namespace) -> EngineOptions:
+    given = [f for f in FLAGS if getattr(args, f, None) is not None]
+    if given and getattr(args, "target", "trt") != "trt":
+        flags = ", ".join("--" + f.replace("_", "-") for f in given)
+        raise BuildError(f"{flags}: TensorRT engine options apply to --target trt only")
+    return EngineOptions(args.precision, args.max_batch, args.max_seq, args.timing_cache)
+
+
+def cmd_engine(args: argparse.Namespace) -> int:
+    from l4compile.trt.target import engine_command
+    manifest = engine_command(Path(args.build), engine_options(args))
+    trt = manifest.trt or {}
+    print(f"built TensorRT engine {Path(args.build) / trt['engine']} ({trt['precision']}, max batch "
+          f"{trt['max_batch']}, max seq {trt['max_seq']}); `l4compile run {args.build}` now uses TensorRT")
+    return 0
+
+
+def add_engine_command(sub: argparse._SubParsersAction, positive_int: Callable[[str], int]) -> None:
+    p = sub.add_parser("engine", help="build the TensorRT engine of a --target trt build (on a GPU host)")
+    p.add_argument("build", help="build directory written by `l4compile build --target trt`")
+    add_engine_args(p, positive_int)
+    p.set_defaults(func=cmd_engine)

@@ -1,0 +1,61 @@
+"""`build --target trt` and `l4compile engine`: compatibility check, report, then an engine or one line why not."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+from l4compile.errors import BuildError
+from l4compile.runtime.manifest import MANIFEST_FILE, Manifest
+from l4compile.trt import builder
+from l4compile.trt.compat import REPORT_JSON, CompatReport, check_file
+from l4compile.trt.profiles import (ENGINE_FILE, TIMING_CACHE_FILE, EngineLimits, EngineOptions, profiles,
+                                    resolve_limits, with_engine, with_engine_pending)
+
+
+def checked(directory: Path, manifest: Manifest) -> CompatReport:
+    """Check the build's ONNX against TensorRT's parser table, write compat.json/.txt, fail on any problem."""
+    report = check_file(Path(directory) / manifest.files["model"])
+    report.write(directory)
+    report.raise_if_incompatible()
+    return report
+
+
+def finish_build(directory: Path, final_dir: Path, manifest: Manifest, options: EngineOptions,
+                 log: Callable[[str], None] = print) -> Manifest:
+    """The TensorRT part of a build, run in its temporary directory before the rename to `final_dir`."""
+    report = checked(directory, manifest)
+    limits = resolve_limits(manifest, options, tuple(sorted(report.quantized_dq_inputs)))
+    reason = builder.unavailable_reason()
+    if reason is not None:
+        log(f"no TensorRT engine: {reason}; the TensorRT-ready ONNX and {REPORT_JSON} are written; "
+            f"build the engine later on a GPU host with TensorRT: l4compile engine {final_dir}")
+        return with_engine_pending(manifest, limits, reason)
+    return _build(directory, manifest, limits, options.timing_cache, log)
+
+
+def engine_command(directory: Path, options: EngineOptions, log: Callable[[str], None] = print) -> Manifest:
+    """`l4compile engine DIR`: build the engine of a TensorRT-target build in place, atomically."""
+    directory = Path(directory)
+    manifest = Manifest.read(directory)
+    if manifest.target != "trt":
+        raise BuildError(f"{directory} was built for target {manifest.target!r}; rebuild it with --target trt "
+                         "to get the TensorRT-ready ONNX an engine is built from")
+    reason = builder.unavailable_reason()
+    if reason is not None:
+        raise BuildError(f"cannot build a TensorRT engine here: {reason}; {builder.INSTALL_HINT}, "
+                         f"then run: l4compile engine {directory}")
+    report = checked(directory, manifest)
+    limits = resolve_limits(manifest, options, tuple(sorted(report.quantized_dq_inputs)))
+    manifest = _build(directory, manifest, limits, options.timing_cache, log)
+    builder.write_atomic(directory / MANIFEST_FILE, (manifest.to_json() + "\n").encode())
+    return manifest
+
+
+def _build(directory: Path, manifest: Manifest, limits: EngineLimits, timing_cache: Path | None,
+           log: Callable[[str], None]) -> Manifest:
+    built = profiles(manifest, limits)
+    version = builder.build_engine(directory / manifest.files["model"], directory / ENGINE_FILE, built,
+                                   limits.flags, timing_cache or directory / TIMING_CACHE_FILE, log,
+                                   limits.cleared_flags)
+    return with_engine(manifest, limits, built, version)

@@ -1,0 +1,59 @@
+"""Parameters computed from other parameters (quantized codes and scales), inside the weight stream.
+
+A pass that replaces a parameter by, say, float8 codes plus scales records on each new parameter
+*how* it derives from the original (`Derived`). `DerivedWeights` wraps any weight source and
+computes those parameters as the emitter asks for them: it reads the source tensor once, keeps
+its parts until the next source is needed, and never holds more than one source tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from l4compile.ir.graph import Value
+from l4compile.weights.base import WeightSource, numpy_dtype
+
+
+@dataclass(frozen=True)
+class Derived:
+    """Parameter = SCHEMES[scheme](source tensor, **options)[part], reshaped and cast to the parameter's type."""
+
+    source: Value
+    scheme: str
+    part: str
+    options: tuple[tuple[str, Any], ...] = ()
+
+
+class DerivedWeights(WeightSource):
+    """Passes plain parameters through to `inner`; computes derived ones from their source."""
+
+    def __init__(self, inner: WeightSource) -> None:
+        self.inner = inner
+        self.description = inner.description
+        self._key: tuple | None = None
+        self._parts: dict[str, np.ndarray] = {}
+
+    def get(self, param: Value) -> np.ndarray:
+        derived: Derived | None = param.derived
+        if derived is None:
+            return self.inner.get(param)
+        from l4compile.quant.schemes import SCHEMES
+        key = (derived.source.name, derived.scheme, derived.options)
+        if key != self._key:
+            self._key, self._parts = None, {}   # drop the previous source's parts first
+            self._parts = SCHEMES[derived.scheme](self.inner.get(derived.source), **dict(derived.options))
+            self._key = key
+        part = self._parts[derived.part]
+        return part.reshape(param.type.shape).astype(numpy_dtype(param.type.dtype), copy=False)
+
+    def close(self) -> None:
+        self._key, self._parts = None, {}
+        self.inner.close()
+
+
+def with_derived(weights: WeightSource) -> WeightSource:
+    """`weights`, able to produce derived parameters (idempotent)."""
+    return weights if isinstance(weights, DerivedWeights) else DerivedWeights(weights)

@@ -1,0 +1,51 @@
+"""Chunked-attention masking: chunked layers attend block by block instead of through a [seq, seq] mask."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from l4compile.ir.graph import Graph
+from l4compile.passes.base import Pass, PassResult
+from l4compile.passes.properties import contiguous_positions
+from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rewrites
+
+MASKED_CHUNKED_ATTENTION = Pat("attention", Var("q"), Var("k"), Var("v"),
+                               Pat("attention_mask", Var("q_pos"), Var("k_pos"), bind="mask",
+                                   attrs=lambda a: a["chunk_size"] > 0),
+                               bind="attention")
+
+
+@dataclass
+class ChunkedAttention(Pass):
+    """Rewrite `attention(q, k, v, attention_mask(q_pos, k_pos){chunk})` into
+    `chunked_attention(q, k, v, chunked_mask(q_pos, k_pos))`: O(seq * chunk) time and memory.
+
+    Each rewrite builds its own chunked_mask; `cse` then leaves one per model. A layer whose
+    positions are not the contiguous runs of `positions` / `key_positions` keeps its mask and is
+    counted as refused.
+    """
+
+    name = "chunked-attention"
+    description = "compute chunked (RoPE) layers block by block: O(seq*chunk), no [seq, seq] mask"
+    requires = ("attention-masked",)
+    ensures = ("attention-blockwise",)
+
+    def run(self, graph: Graph) -> PassResult:
+        rule = Rewrite(self.name, MASKED_CHUNKED_ATTENTION, _blockwise, where=_contiguous)
+        counts = apply_rewrites(graph, [rule])
+        stats = {"layers": counts.get(self.name, 0), "refused": counts.get(f"{self.name}.refused", 0)}
+        return PassResult(stats["layers"] > 0, stats)
+
+
+def _contiguous(graph: Graph, m: Match) -> bool:
+    return contiguous_positions(graph, m.values["q_pos"], m.values["k_pos"])
+
+
+def _blockwise(graph: Graph, m: Match) -> list[str]:
+    mask, attention = m.nodes["mask"], m.nodes["attention"]
+    chunk = mask.attrs["chunk_size"]
+    masks = graph.op("chunked_mask", [m.values["q_pos"], m.values["k_pos"]], name=f"{mask.name}.blocks",
+                     n_out=3, chunk_size=chunk)
+    layer = attention.name.rsplit(".", 1)[0]
+    return [graph.op("chunked_attention", [m.values["q"], m.values["k"], m.values["v"], *masks],
+                     name=f"{layer}.chunked_attention", chunk_size=chunk, scale=attention.attrs["scale"])]

@@ -1,0 +1,282 @@
+"""Weight quantization passes: FP8 (E4M3) and INT4 weight-only (activations: quantize_activations.py).
+
+  quantize-fp8       every weight an op declares (`Op.weight_inputs`: linear, moe_experts,
+                     moe_dispatch, ...) becomes float8e4m3fn codes and one float scale per output
+                     channel, read through `dequantize` (ONNX DequantizeLinear). Runs anywhere
+                     DequantizeLinear does; the files shrink, the compute stays in the build dtype.
+  quantize-int4      linear -> matmul_nbits, moe_experts -> moe_experts_nbits, moe_dispatch ->
+                     moe_dispatch_nbits: 4-bit codes in blocks along the input features, one scale
+                     per block, run by onnxruntime's com.microsoft MatMulNBits (and QMoE for a dispatch
+                     lowered with impl "ort"): an ORT-target choice, refused for --target trt.
+  quantize-fp8-activations (passes/quantize_activations.py)
+                     after quantize-fp8: calibrated per-tensor Q/DQ on the inputs of ops with fp8
+                     weights, the explicit quantization TensorRT builds FP8 kernels from.
+
+The router, norms and embeddings stay in high precision: the router because a flipped top-1 choice
+changes a token's whole expert, norms because they are tiny. `embeddings=True` quantizes the
+embedding table too, as int8 rows (ONNX Gather has no float8 kernel; the rows are gathered as int8,
+then dequantized). Quantized parameters are *derived* (`l4compile.weights.derived`): the weight
+stream computes them from the original tensor as it is written, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar
+
+from l4compile.errors import PassError
+from l4compile.ir.graph import Graph, Node, Value
+from l4compile.ir.op import get_op
+from l4compile.ir.types import TensorType
+from l4compile.passes.base import Pass, PassResult
+from l4compile.passes.properties import Property, register_property
+from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rewrites
+from l4compile.weights.derived import Derived
+
+CODE_DTYPES = ("float8e4m3fn", "int8", "uint8", "int4")
+HIGH_PRECISION_ROLES = ("router", "norm", "embedding")   # Value.init, as lowering sets it
+CPU_FLOATS = ("float32", "float16")                       # onnxruntime CPU MatMulNBits kernels
+
+
+# ---- properties ---------------------------------------------------------------------------
+
+def _quantized(graph: Graph) -> list[str]:
+    """Weights stored quantized: the source of derived parameters, or parameters of a code dtype."""
+    names = [v.derived.source.name if v.derived is not None else v.name for v in graph.params()
+             if v.derived is not None or v.type.dtype in CODE_DTYPES]
+    return list(dict.fromkeys(names))
+
+
+def _check_unquantized(graph: Graph) -> str | None:
+    done = _quantized(graph)
+    return f"{len(done)} weight(s) are already quantized ({', '.join(done[:3])})" if done else None
+
+
+def _check_quantized(graph: Graph) -> str | None:
+    return None if _quantized(graph) else "no parameter is quantized"
+
+
+def fp8_weight_readers(graph: Graph) -> list[Node]:
+    """Nodes that read a float8 weight through `dequantize` at one of their weight inputs."""
+    readers = []
+    for node in graph.nodes.values():
+        for index in get_op(node.op).weight_inputs(node.attrs):
+            producer = graph.values[node.inputs[index]].producer
+            dq = graph.nodes.get(producer) if producer else None
+            if dq is not None and dq.op == "dequantize" and graph.type_of(dq.inputs[0]).dtype == "float8e4m3fn":
+                readers.append(node)
+                break
+    return readers
+
+
+def _check_fp8_weights(graph: Graph) -> str | None:
+    return None if fp8_weight_readers(graph) else "no op reads float8 weights"
+
+
+def _check_cpu_float(graph: Graph) -> str | None:
+    other = sorted({v.type.dtype for v in graph.params() if v.type.dtype not in CPU_FLOATS + CODE_DTYPES})
+    return f"weights are {', '.join(other)}" if other else None
+
+
+register_property(Property("weights-unquantized", "weights are plain floats, none quantized yet", _check_unquantized))
+register_property(Property("weights-quantized", "some weights are stored quantized", _check_quantized))
+register_property(Property("weights-fp8", "some ops read float8 weights through dequantize", _check_fp8_weights))
+register_property(Property("weights-cpu-float", "weights are float32 or float16, the input types of "
+                           "onnxruntime's CPU MatMulNBits", _check_cpu_float))
+
+
+# ---- shared helpers -----------------------------------------------------------------------
+
+def _weight_axis(graph: Graph, value: str, ops: tuple[str, ...] | None = None) -> int | None:
+    """The input-feature axis of a parameter that every reader declares as a weight on that axis
+    (and, with `ops`, every reader is one of them); None when it is not a quantizable weight."""
+    param = graph.values[value]
+    if param.kind != "param" or param.derived is not None or param.init in HIGH_PRECISION_ROLES \
+            or param.type.dtype not in ("float32", "float16", "bfloat16") or param.type.rank < 2:
+        return None
+    axes = set()
+    for node in graph.users(value):
+        declared = get_op(node.op).weight_inputs(node.attrs)
+        indices = [i for i, v in enumerate(node.inputs) if v == value]
+        if (ops is not None and node.op not in ops) or any(i not in declared for i in indices):
+            return None
+        axes.update(declared[i] for i in indices)
+    return axes.pop() if len(axes) == 1 else None
+
+
+def _derived_param(graph: Graph, source: Value, suffix: str, dtype: str, shape: tuple[int, ...],
+                   scheme: str, part: str, **options: Any) -> str:
+    derived = Derived(source, scheme, part, tuple(sorted(options.items())))
+    return graph.add_param(graph.fresh_name(f"{source.name}.{suffix}"), TensorType(dtype, shape),
+                           init=source.init, derived=derived)
+
+
+def _drop_unread_params(graph: Graph, names: list[str]) -> None:
+    for name in names:
+        if name in graph.values and not graph.users(name) and name not in graph.outputs:
+            del graph.values[name]
+
+
+def _size_stats(graph: Graph, before: int) -> dict[str, int]:
+    return {"weight_bytes_before": before, "weight_bytes_after": sum(v.type.nbytes() for v in graph.params())}
+
+
+# ---- FP8 weight-only ----------------------------------------------------------------------
+
+@dataclass
+class QuantizeFP8(Pass):
+    """Weights -> float8e4m3fn codes x per-output-channel scales, read through `dequantize`."""
+
+    embeddings: bool = False
+
+    name: ClassVar[str] = "quantize-fp8"
+    description: ClassVar[str] = ("weights to float8 (E4M3) with per-output-channel scales, read through "
+                                  "DequantizeLinear; router, norms and embeddings stay high precision")
+    requires: ClassVar[tuple[str, ...]] = ("weights-unquantized",)
+    ensures: ClassVar[tuple[str, ...]] = ("weights-fp8",)
+
+    def run(self, graph: Graph) -> PassResult:
+        before = sum(v.type.nbytes() for v in graph.params())
+        originals = [v.name for v in graph.params()]
+        quantized = 0
+        for param in list(graph.params()):
+            axis = _weight_axis(graph, param.name)
+            if axis is not None:
+                graph.replace_uses(param.name, _fp8_dequantize(graph, param, axis))
+                quantized += 1
+        embedded = _quantize_embeddings(graph) if self.embeddings else 0
+        _drop_unread_params(graph, originals)
+        return PassResult(bool(quantized or embedded), {"weights_fp8": quantized, "embeddings_int8": embedded,
+                                                        **_size_stats(graph, before)})
+
+
+def _fp8_dequantize(graph: Graph, param: Value, axis: int) -> str:
+    """dequantize(codes, scale): a 2-D weight gets a 1-D per-channel scale (DequantizeLinear's
+    per-axis form, what TensorRT expects); stacked expert weights one scale per (expert, channel)."""
+    shape = param.type.shape
+    if len(shape) == 2:
+        layout = {"axis": 1 - axis, "block_size": 0}
+        scale_shape: tuple[int, ...] = (shape[1 - axis],)
+    else:
+        layout = {"axis": axis, "block_size": shape[axis]}
+        scale_shape = tuple(1 if i == axis else d for i, d in enumerate(shape))
+    codes = _derived_param(graph, param, "fp8", "float8e4m3fn", shape, "fp8", "q", axis=axis)
+    scale = _derived_param(graph, param, "fp8_scale", param.type.dtype, scale_shape, "fp8", "scale", axis=axis)
+    return graph.op("dequantize", [codes, scale], name=f"{param.name}.dequantize", **layout)
+
+
+def _quantize_embeddings(graph: Graph) -> int:
+    """embedding(ids, table) -> dequantize(embedding(ids, int8 rows), embedding(ids, row scales))."""
+    count = 0
+    for param in list(graph.params()):
+        readers = graph.users(param.name)
+        if param.init != "embedding" or param.derived is not None or param.type.rank != 2 or not readers \
+                or any(n.op != "embedding" or n.inputs[1] != param.name for n in readers):
+            continue
+        vocab, hidden = param.type.shape
+        codes = _derived_param(graph, param, "int8", "int8", (vocab, hidden), "int8", "q", axis=1)
+        scale = _derived_param(graph, param, "int8_scale", param.type.dtype, (vocab, 1), "int8", "scale", axis=1)
+        for node in readers:
+            ids = node.inputs[0]
+            rows = graph.op("embedding", [ids, codes], name=f"{node.name}.codes")
+            row_scale = graph.op("embedding", [ids, scale], name=f"{node.name}.scales")
+            out = graph.op("dequantize", [rows, row_scale], name=f"{node.name}.dequantize",
+                           axis=graph.type_of(rows).rank - 1, block_size=hidden)
+            graph.replace_uses(node.outputs[0], out)
+            graph.remove_node(node.name)
+        count += 1
+    return count
+
+
+# ---- INT4 weight-only (onnxruntime MatMulNBits) -------------------------------------------
+
+@dataclass
+class QuantizeINT4(Pass):
+    """Weights of linear and MoE ops -> 4-bit blocks for onnxruntime's MatMulNBits.
+
+    `accuracy_level` is MatMulNBits' attribute: 0 computes in the input's float type, 4 lets the CPU
+    kernel quantize activations to int8 per block (faster, slightly less exact).
+    """
+
+    block_size: int = 32
+    accuracy_level: int = 4
+    embeddings: bool = False
+
+    name: ClassVar[str] = "quantize-int4"
+    description: ClassVar[str] = ("linear and MoE weights to 4-bit blocks for onnxruntime's MatMulNBits "
+                                  "(weight-only); router, norms and embeddings stay high precision")
+    requires: ClassVar[tuple[str, ...]] = ("weights-unquantized", "weights-cpu-float")
+    ensures: ClassVar[tuple[str, ...]] = ("weights-quantized",)
+
+    def run(self, graph: Graph) -> PassResult:
+        before = sum(v.type.nbytes() for v in graph.params())
+        originals = [v.name for v in graph.params()]
+        self._cache: dict[str, list[str]] = {}
+        counts = apply_rewrites(graph, self._rules())
+        embedded = _quantize_embeddings(graph) if self.embeddings else 0
+        _drop_unread_params(graph, originals)
+        kept = [v.name for v in graph.params() if _weight_axis(graph, v.name) is not None]
+        stats = {f"{rule}": n for rule, n in counts.items()}
+        return PassResult(bool(counts or embedded), {**stats, "embeddings_int8": embedded,
+                                                     "weights_kept_float": len(kept), **_size_stats(graph, before)})
+
+    def _rules(self) -> list[Rewrite]:
+        return [self._rule("linear", "matmul_nbits", 2),
+                self._rule("moe_experts", "moe_experts_nbits", 4),
+                self._rule("moe_dispatch", "moe_dispatch_nbits", 4, keep=("top_k", "impl"))]
+
+    def _rule(self, op: str, quantized_op: str, arity: int, keep: tuple[str, ...] = ()) -> Rewrite:
+        """op(..., weight, ...) -> quantized_op(..., codes, scales, ...), each declared weight input
+        replaced by its two 4-bit parameters; the attributes in `keep` carry over."""
+        def weights(m: Match) -> dict[int, int]:
+            return get_op(op).weight_inputs(m.root.attrs)
+
+        def replace(g: Graph, m: Match) -> list[str]:
+            inputs: list[str] = []
+            for i, value in enumerate(m.root.inputs):
+                inputs += self._codes(g, value, weights(m)[i]) if i in weights(m) else [value]
+            attrs = {k: m.root.attrs[k] for k in keep}
+            return [g.op(quantized_op, inputs, name=m.root.name, block_size=self.block_size,
+                         accuracy_level=self.accuracy_level, **attrs)]
+
+        return Rewrite(f"{op}->{quantized_op}", Pat(op, *(Var(f"in{i}") for i in range(arity))), replace,
+                       where=lambda g, m: all(_weight_axis(g, m.root.inputs[i], INT4_OPS) is not None
+                                              for i in weights(m)))
+
+    def _codes(self, graph: Graph, value: str, axis: int) -> list[str]:
+        """The [codes, scales] parameters of weight `value` (input features along `axis`), made once."""
+        if value not in self._cache:
+            param = graph.values[value]
+            shape = param.type.shape
+            out_shape = tuple(d for i, d in enumerate(shape) if i != axis)    # [..., N]
+            blocks = -(-shape[axis] // self.block_size)
+            options = {"axis": axis, "block_size": self.block_size}
+            codes = _derived_param(graph, param, "int4", "uint8", out_shape + (blocks, self.block_size // 2),
+                                   "int4", "q", **options)
+            scales = _derived_param(graph, param, "int4_scale", param.type.dtype, out_shape + (blocks,),
+                                    "int4", "scale", **options)
+            self._cache[value] = [codes, scales]
+        return self._cache[value]
+
+
+INT4_OPS = ("linear", "moe_experts", "moe_dispatch")
+
+
+def quantization_passes(quantization: dict | None, target: str = "onnx",
+                        calibrate: Callable[[Graph, list[str]], dict[str, float]] | None = None) -> list[Pass]:
+    """The passes `build --quantize` appends to a pipeline, from `BuildOptions.quantization()`."""
+    if quantization is None:
+        return []
+    scheme, activations = quantization["weights"], quantization.get("activations") is not None
+    embeddings = quantization.get("embeddings") is not None
+    if scheme == "fp8":
+        from l4compile.passes.quantize_activations import QuantizeActivationsFP8
+        return [QuantizeFP8(embeddings)] + ([QuantizeActivationsFP8(calibrate)] if activations else [])
+    if scheme == "int4":
+        if activations:
+            raise PassError("int4 is weight-only: activation quantization needs --quantize fp8")
+        if target == "trt":
+            raise PassError("--quantize int4 emits onnxruntime's MatMulNBits, which TensorRT does not parse; "
+                            "use --quantize fp8 for --target trt")
+        return [QuantizeINT4(embeddings=embeddings)]
+    raise PassError(f"unknown quantization {scheme!r}; choose fp8 or int4")

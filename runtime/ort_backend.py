@@ -1,0 +1,75 @@
+"""The onnxruntime backend: one step of the model with IO binding, new keys and values written into the cache."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from l4compile.runtime.errors import BuildDirError
+from l4compile.runtime.kv_cache import KVCache
+from l4compile.runtime.manifest import Manifest
+
+
+class OnnxRuntimeBackend:
+    """Runs the build's ONNX model in an onnxruntime session (CPU by default)."""
+
+    def __init__(self, manifest: Manifest, session) -> None:
+        self._session = session
+        self._kv = manifest.kv_cache
+
+    @classmethod
+    def load(cls, directory: Path, manifest: Manifest, providers: list[str] | None = None,
+             threads: int | None = None) -> "OnnxRuntimeBackend":
+        model = directory / manifest.files["model"]
+        if not model.is_file():
+            raise BuildDirError(f"{directory}: model file {manifest.files['model']} is missing")
+        import onnxruntime as ort
+        providers = providers or ["CPUExecutionProvider"]
+        if manifest.dtype == "bfloat16" and providers == ["CPUExecutionProvider"]:
+            raise BuildDirError(f"{directory}: a bfloat16 build needs a GPU execution provider (onnxruntime's CPU "
+                                "provider has no bfloat16 kernels); rebuild with --dtype float16 or float32 for CPU")
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        if (manifest.quantization or {}).get("weights") == "fp8" and providers == ["CPUExecutionProvider"]:
+            # The CPU provider has no float8 matmul: let constant folding dequantize the fp8 weights once,
+            # at load (onnxruntime keeps DequantizeLinear unfolded for QDQ fusion unless told otherwise).
+            # The files stay fp8; memory and speed are those of the build's float dtype.
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
+        return cls(manifest, ort.InferenceSession(str(model), options, providers=providers))
+
+    def forward(self, ids: np.ndarray) -> np.ndarray:
+        """A build without a KV cache: ids -> logits."""
+        return self._session.run(["logits"], {"input_ids": ids})[0]
+
+    def step(self, ids: np.ndarray, cache: KVCache, logits_start: int) -> np.ndarray:
+        """Run `ids` after the cached positions; new keys/values go into the cache."""
+        kv = self._kv
+        io = self._session.io_binding()
+        io.bind_cpu_input("input_ids", ids)
+        io.bind_cpu_input(kv["past_length"], np.array(cache.length, dtype=np.int64))
+        io.bind_cpu_input(kv["logits_start"], np.array(logits_start, dtype=np.int64))
+        for layer, (keys, values) in zip(cache.layers, cache.views()):
+            io.bind_cpu_input(kv["past_key"].format(i=layer.index), keys)
+            io.bind_cpu_input(kv["past_value"].format(i=layer.index), values)
+        io.bind_output("logits", "cpu")
+        copied = []
+        for layer, slot in zip(cache.layers, cache.output_slots(ids.shape[1])):
+            names = kv["new_key"].format(i=layer.index), kv["new_value"].format(i=layer.index)
+            if slot is None:
+                copied.append(layer.index)
+                for name in names:
+                    io.bind_output(name, "cpu")
+            else:
+                for name, view in zip(names, slot):
+                    io.bind_output(name, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
+        self._session.run_with_iobinding(io)
+        outputs = io.get_outputs()
+        logits = outputs[0].numpy()
+        fresh = outputs[1:]
+        copies = {}
+        for n, index in enumerate(copied):
+            copies[[layer.index for layer in cache.layers].index(index)] = (fresh[2 * n].numpy(), fresh[2 * n + 1].numpy())
+        cache.commit(ids.shape[1], copies)
+        return logits

@@ -1,0 +1,96 @@
+"""Whole models before and after the pipelines: the tiny specs and an HF-imported checkpoint, full forward
+and KV-cache decoding, onnxruntime and the torch module; fp32 logits within 1e-4."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from l4compile.emit.torch_module import GraphModule
+from l4compile.lower import lower
+from l4compile.passes.pipelines import run_pipeline
+from l4compile.runtime import Engine
+from l4compile.runtime.kv_cache import KVCache
+from l4compile.weights import RandomWeights
+from tests.conftest import TINY_SPECS, load, token_ids
+
+ATOL = 1e-4
+FAST = ("onnx-cpu", "trt")
+
+
+@pytest.fixture(scope="module")
+def engines(built):
+    return {(name, p): Engine.load(built(name, p)) for name in TINY_SPECS for p in ("none",) + FAST}
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+@pytest.mark.parametrize("pipeline", FAST)
+def test_full_forward_equals_the_straight_lowering(name, pipeline, engines):
+    for seq in (1, 8, 21):  # chunk 8: below, at and across chunks
+        ids = token_ids(2, seq, seed=seq)
+        want = engines[name, "none"].logits(ids)
+        np.testing.assert_allclose(engines[name, pipeline].logits(ids), want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+@pytest.mark.parametrize("pipeline", FAST)
+@pytest.mark.parametrize("prefill, step", [(5, 1), (3, 6), (11, 13)])
+def test_kv_decoding_equals_the_straight_lowering(name, pipeline, prefill, step, engines):
+    """Prefill, then `step` tokens at a time against the chunk-bounded cache: partial chunks in the cache,
+    steps that cross chunk boundaries, single-token decode."""
+    ids = token_ids(2, 30, seed=prefill + step)
+
+    def steps(engine):
+        cache = KVCache(engine.manifest, batch=2, max_length=30)
+        out = [engine._step(ids[:, :prefill], cache, logits_start=0)]
+        out += [engine._step(ids[:, s:s + step], cache, logits_start=0) for s in range(prefill, 30, step)]
+        return np.concatenate(out, axis=1)
+    np.testing.assert_allclose(steps(engines[name, pipeline]), steps(engines[name, "none"]), atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+def test_torch_module_after_the_passes(name):
+    ids = torch.from_numpy(token_ids(2, 19, seed=1))
+    graph = lower(load(name), kv_cache=False)
+    with torch.no_grad():
+        want = GraphModule(graph, RandomWeights(0))(ids)
+        run_pipeline(graph, "trt")
+        got = GraphModule(graph, RandomWeights(0))(ids)
+    assert {n.op for n in graph.nodes.values()} >= {"moe_dispatch", "chunked_attention", "chunked_mask"}
+    np.testing.assert_allclose(got.numpy(), want.numpy(), atol=ATOL, rtol=0)
+
+
+def test_hf_imported_checkpoint_matches_transformers_with_every_pipeline(tmp_path):
+    """A transformers checkpoint (top-2 routing, so onnx-cpu's ORT MoE falls back to grouped; and top-1)."""
+    from l4compile.build import BuildOptions, build
+    from l4compile.hf import HFCheckpoint, load_hf_config, spec_from_hf_config
+    from tests.hf.conftest import causal_lm, hf_logits, ids_for, save
+    for top_k in (1, 2):
+        checkpoint = save(causal_lm(seed=3, num_experts_per_tok=top_k), tmp_path / f"hf{top_k}")
+        config, file = load_hf_config(checkpoint)
+        spec = spec_from_hf_config(config, "parity", str(file))
+        ids = ids_for(spec.vocab_size, seq=21)
+        want = hf_logits(causal_lm(seed=3, num_experts_per_tok=top_k), ids)
+        for pipeline in FAST:
+            out = tmp_path / f"build-{top_k}-{pipeline}"
+            build(spec, out, HFCheckpoint.for_spec(checkpoint, spec), BuildOptions(pipeline=pipeline),
+                  log=lambda _: None)
+            np.testing.assert_allclose(Engine.load(out).logits(ids), want, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("pipeline", FAST)
+def test_float16_builds_equal_the_straight_lowering(pipeline, tmp_path):
+    """onnxruntime's CPU kernels differ by type (e.g. no float16 scatter-add): every lowering runs in float16."""
+    from l4compile.build import BuildOptions, build
+    ids = token_ids(2, 13, seed=2)
+    logits = {}
+    for p in ("none", pipeline):
+        build(load("tiny-scout"), tmp_path / p, RandomWeights(0), BuildOptions(pipeline=p, dtype="float16"),
+              log=lambda _: None)
+        engine = Engine.load(tmp_path / p)
+        cache = KVCache(engine.manifest, batch=2, max_length=13)
+        steps = [engine._step(ids[:, :5], cache, logits_start=0)]
+        steps += [engine._step(ids[:, s:s + 1], cache, logits_start=0) for s in range(5, 13)]
+        logits[p] = np.concatenate(steps, axis=1)
+    np.testing.assert_allclose(logits[pipeline], logits["none"], atol=1e-2, rtol=0)  # float16 rounding
