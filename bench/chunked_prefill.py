@@ -1,11 +1,15 @@
-"""Chunked-attention benchmark: prefill through a [seq, seq] mask ("masked", the lowered form) against
-blockwise chunked attention (the chunked-attention pass), at 1k, 2k, 4k and 8k tokens, chunk 256.
+"""Attention-masking benchmark: prefill through [seq, seq] masks ("masked", the lowered form) against
+blockwise chunked attention (the chunked-attention pass) and, for the global layers, attention by
+blocks of queries (global-attention-blocks), at 1k, 2k, 4k and 8k tokens, chunk 256.
 
-Two models, each built twice from the same random weights (seed 0) with the onnx-cpu pipeline, with
-and without the chunked-attention pass:
-  bench-16e              the benchmark spec as it is: 6 chunked (RoPE) layers and 2 global (NoPE)
-                         layers, which attend to every earlier token in both variants
-  bench-16e-all-chunked  the same with no NoPE layer (nope_layers: []): only the pass's own effect
+Two models, each built from the same random weights (seed 0) with the onnx-cpu pipeline, with passes
+left out:
+  bench-16e              the benchmark spec as it is: 6 chunked (RoPE) layers, 2 global (NoPE) layers
+      masked             without chunked-attention and global-attention-blocks: every layer masked
+      chunked            without global-attention-blocks: chunked layers blockwise, global ones masked
+      onnx-cpu           the whole pipeline: global layers by blocks of 256 queries too
+  bench-16e-all-chunked  the same with no NoPE layer (nope_layers: []): the chunked-attention pass alone
+      masked, chunked
 
 What is measured, per (model, variant, length), each in a fresh subprocess so that nothing carries
 over: wall time of one prefill (batch 1, `Engine._step` with logits for the last position only, as
@@ -30,7 +34,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
-VARIANTS = {"masked": ("chunked-attention",), "blockwise": ()}   # passes left out of onnx-cpu
+# variant -> passes left out of onnx-cpu
+VARIANTS = {"masked": ("chunked-attention", "global-attention-blocks"), "chunked": ("global-attention-blocks",),
+            "onnx-cpu": ()}
+MODEL_VARIANTS = {"bench-16e": ("masked", "chunked", "onnx-cpu"), "bench-16e-all-chunked": ("masked", "chunked")}
 
 
 def models():
@@ -89,9 +96,9 @@ def main() -> None:
     rows = {}
     with tempfile.TemporaryDirectory(prefix="bench-chunked-") as tmp:
         for model, spec in models().items():
-            for variant, disabled in VARIANTS.items():
+            for variant in MODEL_VARIANTS[model]:
                 out = Path(tmp) / f"{model}-{variant}"
-                build(spec, out, RandomWeights(0), BuildOptions(pipeline="onnx-cpu", disable_passes=disabled),
+                build(spec, out, RandomWeights(0), BuildOptions(pipeline="onnx-cpu", disable_passes=VARIANTS[variant]),
                       log=lambda _: None)
                 for seq in lengths:
                     r = measure(out, seq, args.threads, args.repeats)
@@ -99,18 +106,18 @@ def main() -> None:
                     print(f"{model:<22} {variant:<9} {seq:>5} tokens: {r['seconds']:7.2f} s, peak RSS "
                           f"{r['peak'] / 2**20:7.0f} MiB (loaded {r['loaded'] / 2**20:.0f} MiB)", flush=True)
     print()
-    print(f"prefill, batch 1, chunk 256, {args.threads} threads (onnxruntime CPU), best of {args.repeats}; "
-          f"peak = ru_maxrss of a fresh process, 'prefill' = peak minus RSS after loading")
-    for model in models():
+    print(f"prefill, batch 1, chunk 256, {args.threads} threads (onnxruntime CPU), best of {args.repeats} runs; "
+          f"peak = ru_maxrss of a fresh process (MiB), growth = peak minus RSS after loading")
+    for model, variants in MODEL_VARIANTS.items():
         print(f"\n{model}")
-        print(f"{'tokens':>6} {'masked s':>9} {'blockwise s':>12} {'speedup':>8} {'masked MiB':>11} "
-              f"{'blockwise MiB':>14} {'prefill MiB masked/blockwise':>29}")
+        print(f"{'tokens':>6}" + "".join(f" {v + ' s':>11} {'peak':>6} {'growth':>6}" for v in variants)
+              + "".join(f" {'speedup ' + v:>17}" for v in variants[1:]))
         for seq in lengths:
-            m, b = rows[model, "masked", seq], rows[model, "blockwise", seq]
-            grow_m, grow_b = (m["peak"] - m["loaded"]) / 2**20, (b["peak"] - b["loaded"]) / 2**20
-            print(f"{seq:>6} {m['seconds']:9.2f} {b['seconds']:12.2f} {m['seconds'] / b['seconds']:7.2f}x "
-                  f"{m['peak'] / 2**20:11.0f} {b['peak'] / 2**20:14.0f} {grow_m:17.0f} / {grow_b:<9.0f}")
-        for variant in VARIANTS:
+            r = [rows[model, v, seq] for v in variants]
+            cells = "".join(f" {x['seconds']:11.2f} {x['peak'] / 2**20:6.0f} {(x['peak'] - x['loaded']) / 2**20:6.0f}"
+                            for x in r)
+            print(f"{seq:>6}{cells}" + "".join(f" {r[0]['seconds'] / x['seconds']:16.2f}x" for x in r[1:]))
+        for variant in variants:
             steps = [rows[model, variant, b]["seconds"] / rows[model, variant, a]["seconds"]
                      for a, b in zip(lengths, lengths[1:])]
             print(f"  {variant:<9} time x per doubling of tokens: {', '.join(f'{s:.2f}' for s in steps)} "

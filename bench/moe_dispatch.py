@@ -28,14 +28,19 @@ SPECS = ("bench-16e", "bench-128e")
 
 
 def build_variant(spec, impl: str | None, out: Path) -> None:
+    """onnx-cpu without moe-dispatch (impl None), or with moe-dispatch set to `impl` (a pipeline file)."""
+    import yaml
+
     from l4compile.build import BuildOptions, build
+    from l4compile.passes import PIPELINES
     from l4compile.weights import RandomWeights
     if impl is None:
         options = BuildOptions(pipeline="onnx-cpu", disable_passes=("moe-dispatch",))
     else:
+        passes = [{name: {**opts, "impl": impl}} if name == "moe-dispatch" else ({name: opts} if opts else name)
+                  for name, opts in PIPELINES["onnx-cpu"].passes]
         pipeline = out.parent / f"moe-{impl}.yaml"
-        pipeline.write_text(f"name: onnx-cpu-moe-{impl}\npasses:\n  - constant-fold\n  - moe-dispatch: {{impl: {impl}}}\n"
-                            "  - chunked-attention\n  - cse\n  - dce\n")
+        pipeline.write_text(yaml.safe_dump({"name": f"onnx-cpu-moe-{impl}", "passes": passes}))
         options = BuildOptions(pipeline=str(pipeline))
     build(spec, out, RandomWeights(0), options, log=lambda _: None)
 

@@ -72,19 +72,23 @@ class TransformersStyleWeights(RandomWeights):
         return 0.02 * rng.standard_normal(param.type.shape, dtype=np.float32)
 
 
-def decode_rates(build_dirs: list[Path], threads: int, new_tokens: int, rounds: int = 3) -> list[float]:
-    """Greedy decode tokens/s of each build: the best of `rounds`, the builds taking turns in each round
-    (so that a busy machine slows them alike)."""
+def decode_rates(build_dirs: list[Path], threads: int, new_tokens: int, rounds: int = 5) -> list[tuple[float, float]]:
+    """Greedy decode of each build: (best tokens/s over `rounds`, median CPU ms per token). The builds take
+    turns in each round, so a busy machine slows them alike; CPU time (all threads of this process) barely
+    moves with the load of other processes, wall time does."""
     engines = [Engine.load(d, threads=threads) for d in build_dirs]
     prompt = np.random.default_rng(0).integers(0, engines[0].vocab_size, (1, 32), dtype=np.int64)
-    best = [0.0] * len(engines)
+    rates: list[list[float]] = [[] for _ in engines]
+    cpu: list[list[float]] = [[] for _ in engines]
     for _ in range(rounds):
         for i, engine in enumerate(engines):
             engine.generate(prompt, 2, stop_tokens=())                    # warm-up
-            start = time.perf_counter()
+            wall, clock = time.perf_counter(), time.process_time()
             out = engine.generate(prompt, new_tokens, stop_tokens=())
-            best[i] = max(best[i], (out.shape[1] - prompt.shape[1]) / (time.perf_counter() - start))
-    return best
+            tokens = out.shape[1] - prompt.shape[1]
+            rates[i].append(tokens / (time.perf_counter() - wall))
+            cpu[i].append(1e3 * (time.process_time() - clock) / tokens)
+    return [(max(r), float(np.median(c))) for r, c in zip(rates, cpu)]
 
 
 def main() -> None:
@@ -123,17 +127,18 @@ def _print(spec, args, rows) -> None:
           f"{args.threads} threads")
     print(f"accuracy: logits vs the fp32 build on {prompts['batches'] * prompts['batch_size']} prompts x "
           f"{prompts['seq_len']} tokens (seed {prompts['seed']}); decode: batch 1, 32-token prompt, "
-          f"{args.new_tokens} new tokens, greedy, best of 3 rounds taken in turn")
+          f"{args.new_tokens} new tokens, greedy;\n  tok/s: best of 5 rounds taken in turn; CPU ms/token: median "
+          "process CPU time (all threads), steadier when other processes share the cores")
     print()
     header = f"{'build':<40} {'weights':>10} {'x fp32':>7} {'cosine mean':>11} {'worst':>7} {'top-1':>7} " \
-             f"{'max|err|':>8} {'decode tok/s':>12} {'build s':>7}"
+             f"{'max|err|':>8} {'decode tok/s':>12} {'CPU ms/tok':>10} {'build s':>7}"
     print(header)
     print("-" * len(header))
-    for label, r, build_seconds, tps in rows:
+    for label, r, build_seconds, (tps, cpu_ms) in rows:
         ratio = r["weight_bytes"] / r["reference_weight_bytes"]
         print(f"{label:<40} {format_bytes(r['weight_bytes']):>10} {ratio:>7.3f} {r['cosine_mean']:>11.5f} "
               f"{r['cosine_min']:>7.4f} {r['top1_agreement']:>7.1%} {r['max_abs_error']:>8.3f} {tps:>12.1f} "
-              f"{build_seconds:>7.1f}")
+              f"{cpu_ms:>10.2f} {build_seconds:>7.1f}")
 
 
 if __name__ == "__main__":

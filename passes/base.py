@@ -96,4 +96,4 @@ def format_result(name: str, result: PassResult) -> str:
     """One line per pass for -v: time, changed / unchanged / skipped, and the stats."""
     state = f"skipped ({result.skipped})" if result.skipped else ("changed" if result.changed else "unchanged")
     stats = " ".join(f"{k}={v}" for k, v in result.stats.items())
-    return f"  {name:<18} {result.seconds * 1e3:8.1f} ms  {state}{'  ' + stats if stats else ''}"
+    return f"  {name:<24} {result.seconds * 1e3:8.1f} ms  {state}{'  ' + stats if stats else ''}"

@@ -1,4 +1,5 @@
-"""Chunked-attention masking: chunked layers attend block by block instead of through a [seq, seq] mask."""
+"""Attention without a [seq, seq] mask: chunked layers block by block (chunked-attention), global layers one
+block of queries at a time (global-attention-blocks)."""
 
 from __future__ import annotations
 
@@ -31,10 +32,13 @@ class ChunkedAttention(Pass):
     ensures = ("attention-blockwise",)
 
     def run(self, graph: Graph) -> PassResult:
-        rule = Rewrite(self.name, MASKED_CHUNKED_ATTENTION, _blockwise, where=_contiguous)
-        counts = apply_rewrites(graph, [rule])
-        stats = {"layers": counts.get(self.name, 0), "refused": counts.get(f"{self.name}.refused", 0)}
-        return PassResult(stats["layers"] > 0, stats)
+        return _rewrite_layers(graph, Rewrite(self.name, MASKED_CHUNKED_ATTENTION, _blockwise, where=_contiguous))
+
+
+def _rewrite_layers(graph: Graph, rule: Rewrite) -> PassResult:
+    counts = apply_rewrites(graph, [rule])
+    stats = {"layers": counts.get(rule.name, 0), "refused": counts.get(f"{rule.name}.refused", 0)}
+    return PassResult(stats["layers"] > 0, stats)
 
 
 def _contiguous(graph: Graph, m: Match) -> bool:
@@ -49,3 +53,36 @@ def _blockwise(graph: Graph, m: Match) -> list[str]:
     layer = attention.name.rsplit(".", 1)[0]
     return [graph.op("chunked_attention", [m.values["q"], m.values["k"], m.values["v"], *masks],
                      name=f"{layer}.chunked_attention", chunk_size=chunk, scale=attention.attrs["scale"])]
+
+
+MASKED_GLOBAL_ATTENTION = Pat("attention", Var("q"), Var("k"), Var("v"),
+                              Pat("attention_mask", Var("q_pos"), Var("k_pos"), bind="mask",
+                                  attrs=lambda a: a["chunk_size"] == 0),
+                              bind="attention")
+
+
+@dataclass
+class GlobalAttentionBlocks(Pass):
+    """Rewrite `attention(q, k, v, attention_mask(q_pos, k_pos){chunk 0})` into
+    `blocked_attention(q, k, v, q_pos, k_pos){block}`: an ONNX Loop over blocks of queries, each
+    attending to the keys up to its last query. Memory O(seq * block) instead of O(seq^2), and the
+    scores above the diagonal blocks are never computed. An onnxruntime choice: TensorRT's parser
+    takes no Loop whose scan output has a dynamic length.
+    """
+
+    block: int = 256
+
+    name = "global-attention-blocks"
+    description = "compute global (NoPE) layers one block of queries at a time: O(seq*block) memory, no [seq, seq] mask"
+    requires = ("global-attention-masked",)
+    ensures = ("global-attention-blocked",)
+
+    def run(self, graph: Graph) -> PassResult:
+        return _rewrite_layers(graph, Rewrite(self.name, MASKED_GLOBAL_ATTENTION, self._blocked, where=_contiguous))
+
+    def _blocked(self, graph: Graph, m: Match) -> list[str]:
+        attention = m.nodes["attention"]
+        layer = attention.name.rsplit(".", 1)[0]
+        inputs = [m.values[name] for name in ("q", "k", "v", "q_pos", "k_pos")]
+        return [graph.op("blocked_attention", inputs, name=f"{layer}.blocked_attention", block=self.block,
+                         scale=attention.attrs["scale"])]

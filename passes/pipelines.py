@@ -23,14 +23,15 @@ import yaml
 
 from l4compile.errors import PassError
 from l4compile.passes.base import Pass
-from l4compile.passes.chunked_attention import ChunkedAttention
+from l4compile.passes.chunked_attention import ChunkedAttention, GlobalAttentionBlocks
 from l4compile.passes.cleanup import CommonSubexpressionElimination, ConstantFolding, DeadCodeElimination
 from l4compile.passes.moe_dispatch import MoEDispatch
 from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4
 from l4compile.passes.quantize_activations import QuantizeActivationsFP8
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    ConstantFolding, MoEDispatch, ChunkedAttention, CommonSubexpressionElimination, DeadCodeElimination,
+    ConstantFolding, MoEDispatch, ChunkedAttention, GlobalAttentionBlocks, CommonSubexpressionElimination,
+    DeadCodeElimination,
     QuantizeFP8, QuantizeINT4, QuantizeActivationsFP8,
 )}
 
@@ -46,19 +47,15 @@ class Pipeline:
         return [make_pass(name, options) for name, options in self.passes if name not in off]
 
 
-_FAST = (("constant-fold", {}), ("moe-dispatch", {}), ("chunked-attention", {}), ("cse", {}), ("dce", {}))
-
-
-def _with(passes: tuple, name: str, **options: Any) -> tuple:
-    return tuple((n, {**o, **options}) if n == name else (n, o) for n, o in passes)
-
-
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline("none", "the straight lowering, for debugging", ()),
-    Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op, blockwise chunked attention",
-             _with(_FAST, "moe-dispatch", impl="ort")),
-    Pipeline("trt", "standard ONNX ops only (what TensorRT parses): grouped MoE dispatch, blockwise chunked "
-             "attention", _with(_FAST, "moe-dispatch", impl="grouped")),
+    Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op, chunked layers blockwise, global "
+             "layers by blocks of queries",
+             (("constant-fold", {}), ("moe-dispatch", {"impl": "ort"}), ("chunked-attention", {}),
+              ("global-attention-blocks", {}), ("cse", {}), ("dce", {}))),
+    Pipeline("trt", "standard ONNX ops only (what TensorRT parses): grouped MoE dispatch, chunked layers blockwise",
+             (("constant-fold", {}), ("moe-dispatch", {"impl": "grouped"}), ("chunked-attention", {}), ("cse", {}),
+              ("dce", {}))),
 )}
 DEFAULT_PIPELINE = {"onnx": "onnx-cpu", "trt": "trt"}
 
@@ -184,20 +181,21 @@ def run_pipeline(graph: Any, ref: str, disable: Iterable[str] = (), verify_each:
 def describe() -> str:
     """`l4compile passes`: every pass with its options and contract, then the named pipelines."""
     lines = ["passes:"]
+    w = max(map(len, list(PASSES) + list(PIPELINES))) + 1
     for name, cls in PASSES.items():
-        lines.append(f"  {name:<24} {cls.description}")
+        lines.append(f"  {name:<{w}} {cls.description}")
         options = ", ".join(f"{f.name}={f.default!r}" for f in dataclasses.fields(cls))
         if options:
-            lines.append(f"  {'':<24} options: {options}")
+            lines.append(f"  {'':<{w}} options: {options}")
         contract = [f"{key}: {', '.join(values)}" for key, values in (("requires", cls.requires),
                                                                        ("ensures", cls.ensures)) if values]
         if contract:
-            lines.append(f"  {'':<24} {'; '.join(contract)}")
+            lines.append(f"  {'':<{w}} {'; '.join(contract)}")
     lines.append("pipelines:")
     for name, p in PIPELINES.items():
         targets = [t for t, default in DEFAULT_PIPELINE.items() if default == name]
         default = f" (default for --target {', '.join(targets)})" if targets else ""
-        lines.append(f"  {name:<24} {p.description}{default}")
-        lines.append(f"  {'':<24} {', '.join(str(make_pass(n, o)) for n, o in p.passes) or '(no passes)'}")
+        lines.append(f"  {name:<{w}} {p.description}{default}")
+        lines.append(f"  {'':<{w}} {', '.join(str(make_pass(n, o)) for n, o in p.passes) or '(no passes)'}")
     lines.append("or --pipeline FILE.yaml: a list of passes with options (see passes/pipelines.py)")
     return "\n".join(lines)

@@ -62,15 +62,16 @@ def contiguous_positions(graph: Graph, q_pos: str, k_pos: str) -> bool:
     return producer_op(graph, q_pos) == "positions" and (k_pos == q_pos or producer_op(graph, k_pos) == "key_positions")
 
 
-def _chunked_masked_attention(graph: Graph) -> list[str]:
+def _masked_attention(graph: Graph, chunked: bool) -> list[str]:
+    """Attention nodes reading a chunked (or global) attention_mask of contiguous positions."""
     found = []
     for node in graph.nodes.values():
         if node.op != "attention":
             continue
         mask = graph.values[node.inputs[3]].producer
         mask_node = graph.nodes.get(mask) if mask else None
-        if mask_node is not None and mask_node.op == "attention_mask" and mask_node.attrs["chunk_size"] \
-                and contiguous_positions(graph, *mask_node.inputs):
+        if mask_node is not None and mask_node.op == "attention_mask" \
+                and bool(mask_node.attrs["chunk_size"]) == chunked and contiguous_positions(graph, *mask_node.inputs):
             found.append(node.name)
     return found
 
@@ -92,8 +93,18 @@ def _check_attention_masked(graph: Graph) -> str | None:
 
 
 def _check_attention_blockwise(graph: Graph) -> str | None:
-    masked = _chunked_masked_attention(graph)
+    masked = _masked_attention(graph, chunked=True)
     return f"{len(masked)} chunked layer(s) still attend through a [seq, seq] mask ({_some(masked)})" if masked else None
+
+
+def _check_global_masked(graph: Graph) -> str | None:
+    blocked = _nodes_of(graph, "blocked_attention")
+    return f"{len(blocked)} layer(s) already attend by query blocks ({_some(blocked)})" if blocked else None
+
+
+def _check_global_blocked(graph: Graph) -> str | None:
+    masked = _masked_attention(graph, chunked=False)
+    return f"{len(masked)} global layer(s) still attend through a [seq, seq] mask ({_some(masked)})" if masked else None
 
 
 register_property(Property("moe-unfused", "MoE blocks in their lowered form: every expert computed, masked by "
@@ -104,3 +115,7 @@ register_property(Property("attention-masked", "chunked attention in its lowered
                            "[seq, seq] mask", _check_attention_masked))
 register_property(Property("attention-blockwise", "chunked layers attend chunk by chunk, without a [seq, seq] mask",
                            _check_attention_blockwise))
+register_property(Property("global-attention-masked", "global causal attention in its lowered form, through an "
+                           "explicit [seq, seq] mask", _check_global_masked))
+register_property(Property("global-attention-blocked", "global layers attend one block of queries at a time",
+                           _check_global_blocked))

@@ -14,10 +14,10 @@ import onnx.helper
 
 from l4compile.ir.op import ONNX_DTYPES, Op, expect, get_op, register
 from l4compile.ir.types import TensorType
+from l4compile.quant.schemes import FP8_MAX
 
 CODE_DTYPES = ("float8e4m3fn", "int8")
 FLOAT = ("float32", "float16", "bfloat16")
-FP8_MAX = 448.0
 MS_DOMAIN = "com.microsoft"
 
 

@@ -69,6 +69,8 @@ CASES = {
     "chunked_mask": ([positions(13, 10), positions(15, 8)], {"chunk_size": 8}, 3),
     "chunked_attention": ([f32(2, 13, 4, 8), f32(2, 15, 2, 8), f32(2, 15, 2, 8)] + chunked_masks(),
                           {"chunk_size": 8, "scale": 8 ** -0.5}, 1),
+    "blocked_attention": ([f32(2, 9, 4, 8), f32(2, 12, 2, 8), f32(2, 12, 2, 8), positions(9, 3), positions(12)],
+                          {"block": 4, "scale": 8 ** -0.5}, 1),
 }
 
 

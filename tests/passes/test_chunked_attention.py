@@ -15,21 +15,21 @@ CHUNK, HQ, HKV, D = 4, 4, 2, 8
 
 
 def inputs(g: Graph) -> tuple[str, ...]:
-    """ids, past_length, a cached key run (chunk-local) and the new q, k, v of two layers sharing one v."""
+    """Queries, keys after a cache (used as values too), and the query and key positions, as lowering makes them."""
     ids = g.add_input("ids", TensorType("int64", ("batch", "seq")))
     past_length = g.add_input("past_length", TensorType("int64", ()))
     past = g.add_input("past", TensorType("float32", ("past", "batch", HKV, D)))
     q = g.add_input("q", TensorType("float32", ("batch", "seq", HQ, D)))
     k = g.add_input("k", TensorType("float32", ("batch", "seq", HKV, D)))
     keys = g.op("kv_concat", [past, k], name="keys")
-    return ids, past_length, past, q, keys
+    positions = g.op("positions", [ids, past_length], name="positions")
+    key_positions = g.op("key_positions", [past_length, past, ids], name="key_positions")
+    return q, keys, positions, key_positions
 
 
 def before() -> Graph:
     g = Graph("attn")
-    ids, past_length, past, q, keys = inputs(g)
-    positions = g.op("positions", [ids, past_length], name="positions")
-    key_positions = g.op("key_positions", [past_length, past, ids], name="key_positions")
+    q, keys, positions, key_positions = inputs(g)
     mask = g.op("attention_mask", [positions, key_positions], name="mask", chunk_size=CHUNK)
     outs = [g.op("attention", [q, keys, keys, mask], name=f"l{i}.attention", scale=0.5) for i in range(2)]
     g.set_outputs(outs)
@@ -38,9 +38,7 @@ def before() -> Graph:
 
 def expected() -> Graph:
     g = Graph("attn")
-    ids, past_length, past, q, keys = inputs(g)
-    positions = g.op("positions", [ids, past_length], name="positions")
-    key_positions = g.op("key_positions", [past_length, past, ids], name="key_positions")
+    q, keys, positions, key_positions = inputs(g)
     masks = g.op("chunked_mask", [positions, key_positions], name="mask.blocks", n_out=3, chunk_size=CHUNK)
     outs = [g.op("chunked_attention", [q, keys, keys, *masks], name=f"l{i}.chunked_attention", chunk_size=CHUNK,
                  scale=0.5) for i in range(2)]

@@ -27,7 +27,7 @@ def test_build_with_disabled_pass_printed_ir_verification_and_timings(tmp_path):
             "--print-ir-after", "chunked-attention", "--verify", "-v")
     assert r.returncode == 0, r.stderr
     out = r.stdout
-    assert "pipeline onnx-cpu: constant-fold(max_bytes=1048576), chunked-attention, cse, dce" in out
+    assert "pipeline onnx-cpu: constant-fold(max_bytes=1048576), chunked-attention, global-attention-blocks(" in out
     assert "chunked-attention" in out and "changed  layers=3 refused=0" in out
     ir = out[out.index("// IR after chunked-attention"):]
     assert "chunked_attention(" in ir and "moe_experts(" in ir and "moe_dispatch(" not in ir
