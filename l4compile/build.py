@@ -141,8 +141,9 @@ def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] =
         if options.target == "trt":
             from l4compile.trt.compat import check_file
             check_file(Path(tmp) / MODEL_FILE).raise_if_incompatible()
-    model_bytes = artifact.model.ByteSize()
-    return BuildReport(None, {MODEL_FILE: model_bytes, DATA_FILE: artifact.weight_bytes, MANIFEST_FILE: 0},
+    manifest_bytes = len(_manifest(spec, graph, options, "(dry run)").to_json()) + 1
+    files = {MODEL_FILE: artifact.model.ByteSize(), DATA_FILE: artifact.weight_bytes, MANIFEST_FILE: manifest_bytes}
+    return BuildReport(None, files,
                        artifact.tensors, artifact.largest_tensor_bytes, results, dry_run=True)
 
 

@@ -74,6 +74,13 @@ def cmd_build(args: argparse.Namespace) -> int:
         print(f"  {name:<20} {format_bytes(size):>12}")
     print(f"  {report.tensors} weight tensors, largest {format_bytes(report.largest_tensor_bytes)}, "
           f"total {format_bytes(report.total_bytes)}")
+    if args.dry_run:
+        import shutil
+        target = Path(args.output or Path("build") / spec.name).resolve()
+        existing = next(p for p in (target, *target.parents) if p.exists())
+        free = shutil.disk_usage(existing).free
+        verdict = "fits" if report.total_bytes <= free else "does NOT fit: a real build would refuse to start"
+        print(f"  {existing} has {format_bytes(free)} free: the build {verdict}")
     return 0
 
 
