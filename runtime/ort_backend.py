@@ -54,22 +54,19 @@ class OnnxRuntimeBackend:
             io.bind_cpu_input(kv["past_key"].format(i=layer.index), keys)
             io.bind_cpu_input(kv["past_value"].format(i=layer.index), values)
         io.bind_output("logits", "cpu")
-        copied = []
-        for layer, slot in zip(cache.layers, cache.output_slots(ids.shape[1])):
+        copied = []  # positions in cache.layers whose new keys/values come back in onnxruntime's buffers
+        for position, (layer, slot) in enumerate(zip(cache.layers, cache.output_slots(ids.shape[1]))):
             names = kv["new_key"].format(i=layer.index), kv["new_value"].format(i=layer.index)
             if slot is None:
-                copied.append(layer.index)
+                copied.append(position)
                 for name in names:
                     io.bind_output(name, "cpu")
             else:
                 for name, view in zip(names, slot):
                     io.bind_output(name, "cpu", 0, view.dtype, list(view.shape), view.ctypes.data)
         self._session.run_with_iobinding(io)
-        outputs = io.get_outputs()
+        outputs = io.get_outputs()  # in binding order: logits, then each layer's new keys and values
         logits = outputs[0].numpy()
-        fresh = outputs[1:]
-        copies = {}
-        for n, index in enumerate(copied):
-            copies[[layer.index for layer in cache.layers].index(index)] = (fresh[2 * n].numpy(), fresh[2 * n + 1].numpy())
+        copies = {p: (outputs[1 + 2 * p].numpy(), outputs[2 + 2 * p].numpy()) for p in copied}
         cache.commit(ids.shape[1], copies)
         return logits

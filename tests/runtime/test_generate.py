@@ -34,6 +34,23 @@ def test_cached_steps_match_full_forward(name, prefill, step, engines):
     assert cache.length == 40
 
 
+def test_cached_steps_with_global_layers_between_chunked_ones(tmp_path):
+    """Eight layers, NoPE at 3 and 7: a prefill crossing a chunk boundary copies some layers' new keys
+    and writes others in place; each must land in its own layer's cache."""
+    import dataclasses
+    from l4compile.build import BuildOptions, build
+    from l4compile.weights import RandomWeights
+    from tests.conftest import load
+    spec = dataclasses.replace(load("tiny-scout"), num_layers=8, nope_layers=(3, 7), moe_layers=tuple(range(8)))
+    build(spec, tmp_path / "m", RandomWeights(0), BuildOptions(), log=lambda _: None)
+    engine = Engine.load(tmp_path / "m")
+    ids = token_ids(2, 30, seed=8)
+    cache = KVCache(engine.manifest, batch=2, max_length=30)
+    got = [engine._step(ids[:, :13], cache, logits_start=0)]
+    got += [engine._step(ids[:, s:s + 1], cache, logits_start=0) for s in range(13, 30)]
+    np.testing.assert_allclose(np.concatenate(got, axis=1), engine.logits(ids), atol=1e-4, rtol=0)
+
+
 def test_chunked_layers_keep_only_their_chunk(engines):
     engine = engines["tiny-scout"]
     cache = KVCache(engine.manifest, batch=1, max_length=1000)
