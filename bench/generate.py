@@ -108,7 +108,7 @@ def run(engine, ids: np.ndarray, repeats: int = 3) -> dict:
         tokens.append(int(logits.argmax(-1)[0]))
     decode = time.perf_counter() - start
     return {"prefill_s": min(prefill_times), "decode_tok_s": (NEW - 1) / decode, "tokens": tokens,
-            "kv_bytes": engine.kv_bytes(cache)}
+            "kv_bytes": engine.kv_bytes(cache), "last_logits": logits}
 
 
 def make_engine(kind: str, build_dir: Path, checkpoint: Path, threads: int):
@@ -179,7 +179,8 @@ def main() -> None:
         print(f"ours vs {r['name']}: prefill {r['prefill_s'] / ours['prefill_s']:.2f}x faster, decode "
               f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}x faster, peak memory "
               f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x, KV cache {ours['kv_bytes'] / r['kv_bytes']:.2f}x; "
-              f"greedy tokens identical: {ours['tokens'] == r['tokens']}")
+              f"greedy tokens identical: {ours['tokens'] == r['tokens']}, "
+              f"max |logit diff| at the last step {np.abs(ours['last_logits'] - r['last_logits']).max():.1e}")
     print(f"KV cache at {PROMPT + NEW} tokens (measured): ours {ours['kv_bytes']} bytes = "
           f"{ours['kv_bytes'] / naive:.3f}x of a cache keeping every layer's history ({naive} bytes)")
     for name in ("scout", "maverick"):
