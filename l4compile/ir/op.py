@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -135,5 +135,3 @@ class OnnxBuilder:
     def scalar(self, value: float, dtype: str = "float32") -> str:
         return self.const(np.array(value, dtype=dtype))
 
-
-TorchFn = Callable[..., Any]

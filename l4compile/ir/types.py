@@ -47,17 +47,6 @@ class TensorType:
         return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
 
 
-def dim_mul(a: Dim, b: Dim) -> Dim:
-    """Product of two dimensions, kept symbolic when either is a symbol."""
-    if isinstance(a, int) and isinstance(b, int):
-        return a * b
-    if a == 1:
-        return b
-    if b == 1:
-        return a
-    return f"{a}*{b}"
-
-
 def dim_add(a: Dim, b: Dim) -> Dim:
     """Sum of two dimensions, kept symbolic when either is a symbol."""
     if isinstance(a, int) and isinstance(b, int):

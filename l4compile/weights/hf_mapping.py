@@ -9,9 +9,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
-
-TEXT_PREFIXES = ("", "language_model.")  # text-only checkpoint / multimodal checkpoint
 MULTIMODAL_PREFIX = "language_model."
 # Tensors of a multimodal checkpoint that the text model does not read (the vision tower is
 # compiled on its own), and rotary buffers that old checkpoints carry.
@@ -22,13 +19,7 @@ VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 class TensorMapping:
     ir_name: str
     hf_name: str          # without the multimodal prefix
-    transpose: bool
-
-    def to_ir(self, array: np.ndarray) -> np.ndarray:
-        return array.T if self.transpose else array
-
-    def to_hf(self, array: np.ndarray) -> np.ndarray:
-        return array.T if self.transpose else array
+    transpose: bool       # HF [out, in] <-> IR [in, out]
 
 
 def hf_name_of(ir_name: str) -> TensorMapping:
