@@ -1,10 +1,10 @@
 """Quantization benchmark: fp32 against FP8 and INT4 builds of one model, side by side, in one process.
 
 specs/bench-16e.yaml (~118M parameters, 16 experts) with random weights (seed 0) is built unquantized
-and with each quantization; every build runs in onnxruntime on this CPU. Per build: weight-file bytes
-(and the ratio to fp32), logits against the fp32 build on fixed prompts (cosine per position, mean and
-worst; top-1 agreement; max abs error, as `l4compile quant-report` computes them), and greedy decode
-tokens/s through the runtime's Engine.generate.
+and with each quantization (int4 both rounded to nearest and with GPTQ, the default); every build runs in
+onnxruntime on this CPU. Per build: weight-file bytes (and the ratio to fp32), logits against the fp32 build
+on fixed prompts (cosine per position, mean and worst; top-1 agreement; max abs error, as `l4compile
+quant-report` computes them), and greedy decode tokens/s through the runtime's Engine.generate.
 
 A control row builds fp32 with every quantizable weight multiplied by (1 + 1% Gaussian noise): how
 much a random-weight model moves under a perturbation far smaller than any 8- or 4-bit format's.
@@ -40,8 +40,9 @@ ROWS = {   # label -> BuildOptions fields (None: the noisy-weights control)
     "fp8 weight-only": {"quantize": "fp8"},
     "fp8 weight-only + int8 embeddings": {"quantize": "fp8", "quantize_embeddings": True},
     "fp8 weights + activations (Q/DQ)": {"quantize": "fp8", "quantize_activations": True},
-    "int4 weight-only": {"quantize": "int4"},
-    "int4 weight-only + int8 embeddings": {"quantize": "int4", "quantize_embeddings": True},
+    "int4 weight-only (round to nearest)": {"quantize": "int4", "int4_method": "rtn"},
+    "int4 weight-only (GPTQ)": {"quantize": "int4"},
+    "int4 weight-only (GPTQ) + int8 embeddings": {"quantize": "int4", "quantize_embeddings": True},
     "control: fp32 weights x (1 + 1% noise)": None,
 }
 
@@ -130,13 +131,13 @@ def _print(spec, args, rows) -> None:
           f"{args.new_tokens} new tokens, greedy;\n  tok/s: best of 5 rounds taken in turn; CPU ms/token: median "
           "process CPU time (all threads), steadier when other processes share the cores")
     print()
-    header = f"{'build':<40} {'weights':>10} {'x fp32':>7} {'cosine mean':>11} {'worst':>7} {'top-1':>7} " \
+    header = f"{'build':<42} {'weights':>10} {'x fp32':>7} {'cosine mean':>11} {'worst':>7} {'top-1':>7} " \
              f"{'max|err|':>8} {'decode tok/s':>12} {'CPU ms/tok':>10} {'build s':>7}"
     print(header)
     print("-" * len(header))
     for label, r, build_seconds, (tps, cpu_ms) in rows:
         ratio = r["weight_bytes"] / r["reference_weight_bytes"]
-        print(f"{label:<40} {format_bytes(r['weight_bytes']):>10} {ratio:>7.3f} {r['cosine_mean']:>11.5f} "
+        print(f"{label:<42} {format_bytes(r['weight_bytes']):>10} {ratio:>7.3f} {r['cosine_mean']:>11.5f} "
               f"{r['cosine_min']:>7.4f} {r['top1_agreement']:>7.1%} {r['max_abs_error']:>8.3f} {tps:>12.1f} "
               f"{cpu_ms:>10.2f} {build_seconds:>7.1f}")
 

@@ -8,6 +8,8 @@
                      moe_dispatch_nbits: 4-bit codes in blocks along the input features, one scale
                      per block, run by onnxruntime's com.microsoft MatMulNBits (and QMoE for a dispatch
                      lowered with impl "ort"): an ORT-target choice, refused for --target trt.
+                     method "rtn" rounds each weight to nearest; "gptq" chooses the codes with GPTQ
+                     (`l4compile.quant.gptq`) from Hessians of calibration inputs, same layout.
   quantize-fp8-activations (passes/quantize_activations.py)
                      after quantize-fp8: calibrated per-tensor Q/DQ on the inputs of ops with fp8
                      weights, the explicit quantization TensorRT builds FP8 kernels from.
@@ -105,8 +107,8 @@ def _weight_axis(graph: Graph, value: str, ops: tuple[str, ...] | None = None) -
 
 
 def _derived_param(graph: Graph, source: Value, suffix: str, dtype: str, shape: tuple[int, ...],
-                   scheme: str, part: str, **options: Any) -> str:
-    derived = Derived(source, scheme, part, tuple(sorted(options.items())))
+                   scheme: str, part: str, inputs: tuple[tuple[str, Any], ...] = (), **options: Any) -> str:
+    derived = Derived(source, scheme, part, tuple(sorted(options.items())), inputs)
     return graph.add_param(graph.fresh_name(f"{source.name}.{suffix}"), TensorType(dtype, shape),
                            init=source.init, derived=derived)
 
@@ -195,12 +197,16 @@ class QuantizeINT4(Pass):
     """Weights of linear and MoE ops -> 4-bit blocks for onnxruntime's MatMulNBits.
 
     `accuracy_level` is MatMulNBits' attribute: 0 computes in the input's float type, 4 lets the CPU
-    kernel quantize activations to int8 per block (faster, slightly less exact).
+    kernel quantize activations to int8 per block (faster, slightly less exact). `method` "gptq" asks
+    `hessians(graph, weights)` (`Calibration.hessians`, which `build` supplies from its weights) for
+    each weight's input Hessian; a weight it gives none for (none at all: a dry run) is rounded to nearest.
     """
 
     block_size: int = 32
     accuracy_level: int = 4
     embeddings: bool = False
+    method: str = "rtn"
+    hessians: Callable[[Graph, list[str]], dict[str, Any]] | None = None
 
     name: ClassVar[str] = "quantize-int4"
     description: ClassVar[str] = ("linear and MoE weights to 4-bit blocks for onnxruntime's MatMulNBits "
@@ -211,13 +217,21 @@ class QuantizeINT4(Pass):
     def run(self, graph: Graph) -> PassResult:
         before = sum(v.type.nbytes() for v in graph.params())
         originals = [v.name for v in graph.params()]
+        if self.method not in INT4_METHODS:
+            raise PassError(f"unknown int4 method {self.method!r}; choose one of {', '.join(INT4_METHODS)}")
         self._cache: dict[str, list[str]] = {}
+        self._hessians: dict[str, Any] = {}
+        if self.method == "gptq" and self.hessians is not None:
+            candidates = [v.name for v in graph.params() if _weight_axis(graph, v.name, INT4_OPS) is not None]
+            self._hessians = self.hessians(graph, candidates) if candidates else {}
         counts = apply_rewrites(graph, self._rules())
         embedded = _quantize_embeddings(graph) if self.embeddings else 0
         _drop_unread_params(graph, originals)
         kept = [v.name for v in graph.params() if _weight_axis(graph, v.name) is not None]
         stats = {f"{rule}": n for rule, n in counts.items()}
-        return PassResult(bool(counts or embedded), {**stats, "embeddings_int8": embedded,
+        gptq = sum(1 for name in self._cache if name in self._hessians)
+        self._hessians = {}
+        return PassResult(bool(counts or embedded), {**stats, "embeddings_int8": embedded, "weights_gptq": gptq,
                                                      "weights_kept_float": len(kept), **_size_stats(graph, before)})
 
     def _rules(self) -> list[Rewrite]:
@@ -251,20 +265,26 @@ class QuantizeINT4(Pass):
             out_shape = tuple(d for i, d in enumerate(shape) if i != axis)    # [..., N]
             blocks = -(-shape[axis] // self.block_size)
             options = {"axis": axis, "block_size": self.block_size}
+            scheme, inputs = "int4", ()
+            if value in self._hessians:
+                scheme, inputs = "int4_gptq", (("hessian", self._hessians[value]),)
             codes = _derived_param(graph, param, "int4", "uint8", out_shape + (blocks, self.block_size // 2),
-                                   "int4", "q", **options)
+                                   scheme, "q", inputs, **options)
             scales = _derived_param(graph, param, "int4_scale", param.type.dtype, out_shape + (blocks,),
-                                    "int4", "scale", **options)
+                                    scheme, "scale", inputs, **options)
             self._cache[value] = [codes, scales]
         return self._cache[value]
 
 
 INT4_OPS = ("linear", "moe_experts", "moe_dispatch")
+INT4_METHODS = ("rtn", "gptq")
 
 
 def quantization_passes(quantization: dict | None, target: str = "onnx",
-                        calibrate: Callable[[Graph, list[str]], dict[str, float]] | None = None) -> list[Pass]:
-    """The passes `build --quantize` appends to a pipeline, from `BuildOptions.quantization()`."""
+                        calibrate: Callable[[Graph, list[str]], dict[str, float]] | None = None,
+                        hessians: Callable[[Graph, list[str]], dict[str, Any]] | None = None) -> list[Pass]:
+    """The passes `build --quantize` appends to a pipeline, from `BuildOptions.quantization()`;
+    `calibrate` gives activation ranges (fp8 activations), `hessians` input Hessians (int4 gptq)."""
     if quantization is None:
         return []
     scheme, activations = quantization["weights"], quantization.get("activations") is not None
@@ -278,5 +298,5 @@ def quantization_passes(quantization: dict | None, target: str = "onnx",
         if target == "trt":
             raise PassError("--quantize int4 emits onnxruntime's MatMulNBits, which TensorRT does not parse; "
                             "use --quantize fp8 for --target trt")
-        return [QuantizeINT4(embeddings=embeddings)]
+        return [QuantizeINT4(embeddings=embeddings, method=quantization.get("method", "rtn"), hessians=hessians)]
     raise PassError(f"unknown quantization {scheme!r}; choose fp8 or int4")

@@ -1,8 +1,9 @@
-"""Activation ranges for FP8 activation quantization, from the torch reference.
+"""Calibration statistics from the torch reference: activation ranges (FP8) and input Hessians (GPTQ).
 
 `Calibration` runs the graph it is given (any IR graph: `GraphModule` runs every op) on a few
-fixed calibration batches of token ids and records each requested value's absolute maximum.
-It is what `QuantizeActivationsFP8(calibrate=...)` calls.
+fixed calibration batches of token ids. Called, it records each requested value's absolute maximum
+(what `QuantizeActivationsFP8(calibrate=...)` calls); `hessians` sums X^T X of the inputs of the
+requested weights (what `QuantizeINT4(method="gptq", hessians=...)` calls).
 """
 
 from __future__ import annotations
@@ -76,3 +77,59 @@ class Calibration:
                 for name, out in zip(values, outs if isinstance(outs, tuple) else (outs,)):
                     absmax[name] = max(absmax[name], float(out.abs().max()))
         return absmax
+
+    def hessians(self, graph: Graph, weights: list[str]) -> dict[str, np.ndarray]:
+        """X^T X over the calibration tokens of what each weight multiplies: [K, K] for a linear weight,
+        [E, K, K] for stacked expert weights, each expert's from the tokens routed to it (its input
+        scaled by the routing score, as the expert sees it; all zero for an expert no token reached)."""
+        import torch
+
+        from l4compile.emit.torch_module import GraphModule
+        wanted = set(weights)
+        readers = [n for n in graph.topo_nodes() if n.op in HESSIAN_READERS and wanted & set(n.inputs)]
+        values = list(dict.fromkeys(v for n in readers for v in n.inputs[:HESSIAN_READERS[n.op]]))
+        probe = copy.deepcopy(graph)
+        probe.set_outputs(values)
+        module = GraphModule(probe, self.weights).eval()
+        params = dict(module.named_parameters())
+        sums: dict[str, torch.Tensor] = {}
+
+        def add(name: str, gram: torch.Tensor) -> None:
+            sums[name] = sums[name] + gram if name in sums else gram
+
+        with torch.no_grad():
+            for ids in token_batches(vocab_size(graph), self.batches, self.batch_size, self.seq_len, self.seed):
+                outs = module(*reference_inputs(graph, ids))
+                env = dict(zip(values, outs if isinstance(outs, tuple) else (outs,)))
+                for node in readers:
+                    x = env[node.inputs[0]].float().reshape(-1, env[node.inputs[0]].shape[-1])
+                    if node.op == "linear":
+                        add(node.inputs[1], x.t() @ x)
+                    else:
+                        gate_up, down = (params[v].float() for v in node.inputs[2:4])
+                        scores = _routing_scores(torch, node, env[node.inputs[1]])
+                        grams = [_expert_grams(torch, x, scores[:, e], gate_up[e]) for e in range(scores.shape[1])]
+                        add(node.inputs[2], torch.stack([g for g, _ in grams]))
+                        add(node.inputs[3], torch.stack([g for _, g in grams]))
+        return {name: gram.numpy() for name, gram in sums.items() if name in wanted}
+
+
+HESSIAN_READERS = {"linear": 1, "moe_experts": 2, "moe_dispatch": 2}   # op -> how many leading inputs to record
+
+
+def _routing_scores(torch, node, routing):
+    """[T, E] score of each expert for each token, 0 where not routed (moe_dispatch: from the router logits)."""
+    routing = routing.float().reshape(-1, routing.shape[-1])
+    if node.op == "moe_experts":
+        return routing
+    top_value, top_index = torch.topk(routing, node.attrs["top_k"], dim=-1)
+    return torch.zeros_like(routing).scatter_(-1, top_index, torch.sigmoid(top_value))
+
+
+def _expert_grams(torch, x, score, gate_up):
+    """(X^T X of one expert's gate_up input, of its down input) over the tokens routed to it."""
+    rows = score != 0
+    routed = x[rows] * score[rows, None]
+    gate, up = (routed @ gate_up).chunk(2, dim=-1)
+    hidden = torch.nn.functional.silu(gate) * up
+    return routed.t() @ routed, hidden.t() @ hidden

@@ -15,6 +15,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "--target trt, off for onnx)")
     p.add_argument("--quantize-embeddings", action="store_true",
                    help="quantize the embedding table too (int8 rows)")
+    p.add_argument("--int4-method", choices=["auto", "gptq", "rtn"], default="auto",
+                   help="int4: gptq (codes chosen with GPTQ from calibration Hessians), rtn (round to "
+                        "nearest), auto (default: gptq where the float32 model fits in a third of memory)")
 
 
 def apply_quantize_args(args: argparse.Namespace, options) -> None:
@@ -22,6 +25,7 @@ def apply_quantize_args(args: argparse.Namespace, options) -> None:
     options.quantize = args.quantize
     options.quantize_activations = args.quantize_activations
     options.quantize_embeddings = args.quantize_embeddings
+    options.int4_method = args.int4_method
 
 
 def cmd_quant_report(args: argparse.Namespace) -> int:

@@ -62,7 +62,8 @@ def format_comparison(report: dict) -> str:
     def what(quantization: dict | None) -> str:
         if not quantization:
             return "not quantized"
-        parts = [f"{quantization['weights']} weights"]
+        method = f" by {quantization['method']}" if quantization.get("method") else ""
+        parts = [f"{quantization['weights']} weights{method}"]
         parts += [f"{quantization[k]} {k}" for k in ("activations", "embeddings") if quantization.get(k)]
         return ", ".join(parts)
     p = report["prompts"]

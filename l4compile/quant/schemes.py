@@ -60,11 +60,21 @@ def int4_blocks(w: np.ndarray, axis: int, block_size: int) -> dict[str, np.ndarr
     scale = (extreme / -INT4_ZERO_POINT).astype(np.float32)              # [..., N, k_blocks, 1]
     np.divide(blocks, np.where(scale == 0, 1.0, scale), out=blocks)
     np.clip(np.rint(blocks, out=blocks), -8, 7, out=blocks)
-    blocks += INT4_ZERO_POINT
-    codes = blocks.astype(np.uint8)
-    del padded, blocks
-    packed = codes[..., 0::2] | (codes[..., 1::2] << 4)
-    return {"q": packed, "scale": scale[..., 0]}
+    return pack_int4(blocks, scale[..., 0])
 
 
-SCHEMES = {"fp8": fp8_per_channel, "int8": int8_per_channel, "int4": int4_blocks}
+def pack_int4(values: np.ndarray, scale: np.ndarray) -> dict[str, np.ndarray]:
+    """Integer values in [-8, 7], [..., N, k_blocks, block_size] -> MatMulNBits' packed codes
+    [..., N, k_blocks, block_size / 2] (code = value + 8, low nibble first) and scale [..., N, k_blocks].
+    `values` (float) is overwritten, so that the codes take no second float copy."""
+    values += INT4_ZERO_POINT
+    codes = values.astype(np.uint8)
+    return {"q": codes[..., 0::2] | (codes[..., 1::2] << 4), "scale": scale.astype(np.float32)}
+
+
+def _gptq_int4_blocks(w: np.ndarray, axis: int, block_size: int, hessian: np.ndarray) -> dict[str, np.ndarray]:
+    from l4compile.quant.gptq import gptq_int4_blocks
+    return gptq_int4_blocks(w, axis, block_size, hessian)
+
+
+SCHEMES = {"fp8": fp8_per_channel, "int8": int8_per_channel, "int4": int4_blocks, "int4_gptq": _gptq_int4_blocks}

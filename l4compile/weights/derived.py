@@ -8,7 +8,7 @@ its parts until the next source is needed, and never holds more than one source 
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -19,12 +19,15 @@ from l4compile.weights.base import WeightSource, numpy_dtype
 
 @dataclass(frozen=True)
 class Derived:
-    """Parameter = SCHEMES[scheme](source tensor, **options)[part], reshaped and cast to the parameter's type."""
+    """Parameter = SCHEMES[scheme](source tensor, **options, **inputs)[part], reshaped and cast to the
+    parameter's type. `inputs` are arrays computed before the weight stream (GPTQ's Hessian of this
+    source): held by reference, left out of equality and the cache key."""
 
     source: Value
     scheme: str
     part: str
     options: tuple[tuple[str, Any], ...] = ()
+    inputs: tuple[tuple[str, Any], ...] = field(default=(), compare=False, repr=False)
 
 
 class DerivedWeights(WeightSource):
@@ -44,7 +47,8 @@ class DerivedWeights(WeightSource):
         key = (derived.source.name, derived.scheme, derived.options)
         if key != self._key:
             self._key, self._parts = None, {}   # drop the previous source's parts first
-            self._parts = SCHEMES[derived.scheme](self.inner.get(derived.source), **dict(derived.options))
+            self._parts = SCHEMES[derived.scheme](self.inner.get(derived.source), **dict(derived.options),
+                                                   **dict(derived.inputs))
             self._key = key
         part = self._parts[derived.part]
         return part.reshape(param.type.shape).astype(numpy_dtype(param.type.dtype), copy=False)
