@@ -16,7 +16,12 @@ class OnnxRuntimeBackend:
 
     def __init__(self, manifest: Manifest, session) -> None:
         self._session = session
-        self._kv = manifest.kv_cache
+        self._kv = kv = manifest.kv_cache
+        # Input and output names per layer, formatted once rather than on every decode step.
+        self._past = {layer.index: (kv["past_key"].format(i=layer.index), kv["past_value"].format(i=layer.index))
+                      for layer in manifest.layers} if kv else {}
+        self._new = {layer.index: (kv["new_key"].format(i=layer.index), kv["new_value"].format(i=layer.index))
+                     for layer in manifest.layers} if kv else {}
 
     @classmethod
     def load(cls, directory: Path, manifest: Manifest, providers: list[str] | None = None,
@@ -51,12 +56,13 @@ class OnnxRuntimeBackend:
         io.bind_cpu_input(kv["past_length"], np.array(cache.length, dtype=np.int64))
         io.bind_cpu_input(kv["logits_start"], np.array(logits_start, dtype=np.int64))
         for layer, (keys, values) in zip(cache.layers, cache.views()):
-            io.bind_cpu_input(kv["past_key"].format(i=layer.index), keys)
-            io.bind_cpu_input(kv["past_value"].format(i=layer.index), values)
+            key_name, value_name = self._past[layer.index]
+            io.bind_cpu_input(key_name, keys)
+            io.bind_cpu_input(value_name, values)
         io.bind_output("logits", "cpu")
         copied = []  # positions in cache.layers whose new keys/values come back in onnxruntime's buffers
         for position, (layer, slot) in enumerate(zip(cache.layers, cache.output_slots(ids.shape[1]))):
-            names = kv["new_key"].format(i=layer.index), kv["new_value"].format(i=layer.index)
+            names = self._new[layer.index]
             if slot is None:
                 copied.append(position)
                 for name in names:

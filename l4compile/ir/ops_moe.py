@@ -11,7 +11,6 @@ import math
 import onnx.helper
 
 from l4compile.ir.op import ONNX_DTYPES, Op, expect, register
-from l4compile.ir.types import TensorType
 
 
 @register

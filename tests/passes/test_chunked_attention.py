@@ -54,6 +54,15 @@ def test_before_expected_with_one_mask_per_model():
     assert print_ir(g) == print_ir(expected())
 
 
+def attention_feeds(past_length: int, cached: int, seq: int) -> dict[str, np.ndarray]:
+    """Random inputs of the attention test graphs: a step of `seq` tokens after `cached` cached positions."""
+    rng = np.random.default_rng(past_length * 100 + seq)
+    return {"ids": np.zeros((2, seq), np.int64), "past_length": np.array(past_length, np.int64),
+            "past": rng.standard_normal((cached, 2, HKV, D)).astype(np.float32),
+            "q": rng.standard_normal((2, seq, HQ, D)).astype(np.float32),
+            "k": rng.standard_normal((2, seq, HKV, D)).astype(np.float32)}
+
+
 # (absolute position of the first new token, cached positions, new positions): prefill, decode inside a
 # chunk, decode at a chunk start, a step that crosses chunk boundaries after a partial chunk, a long
 # prefill after a partial chunk (the runtime's cache holds the current chunk only), and a cache that
@@ -61,11 +70,7 @@ def test_before_expected_with_one_mask_per_model():
 @pytest.mark.parametrize("past_length, cached, seq", [(0, 0, 11), (9, 1, 1), (8, 0, 1), (7, 3, 6), (9, 1, 13),
                                                       (6, 6, 5)])
 def test_outputs_equal_the_masked_form(past_length, cached, seq):
-    rng = np.random.default_rng(past_length * 100 + seq)
-    feeds = {"ids": np.zeros((2, seq), np.int64), "past_length": np.array(past_length, np.int64),
-             "past": rng.standard_normal((cached, 2, HKV, D)).astype(np.float32),
-             "q": rng.standard_normal((2, seq, HQ, D)).astype(np.float32),
-             "k": rng.standard_normal((2, seq, HKV, D)).astype(np.float32)}
+    feeds = attention_feeds(past_length, cached, seq)
     g = before()
     want = run_torch(g, feeds)
     PassManager([ChunkedAttention(), CommonSubexpressionElimination()]).run(g)

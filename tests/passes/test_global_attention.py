@@ -10,7 +10,7 @@ from l4compile.ir import Graph, print_ir
 from l4compile.passes import PassManager
 from l4compile.passes.chunked_attention import GlobalAttentionBlocks
 from tests.passes.conftest import run_onnx, run_torch
-from tests.passes.test_chunked_attention import HKV, HQ, D, inputs
+from tests.passes.test_chunked_attention import attention_feeds, inputs
 
 BLOCK = 4
 
@@ -42,11 +42,7 @@ def test_before_expected():
 # in several blocks with a partial last one, decode, a multi-block step after a long cache
 @pytest.mark.parametrize("past_length, cached, seq", [(0, 0, 3), (0, 0, 11), (9, 9, 1), (7, 7, 9), (5, 2, 6)])
 def test_outputs_equal_the_masked_form(past_length, cached, seq):
-    rng = np.random.default_rng(past_length * 100 + seq)
-    feeds = {"ids": np.zeros((2, seq), np.int64), "past_length": np.array(past_length, np.int64),
-             "past": rng.standard_normal((cached, 2, HKV, D)).astype(np.float32),
-             "q": rng.standard_normal((2, seq, HQ, D)).astype(np.float32),
-             "k": rng.standard_normal((2, seq, HKV, D)).astype(np.float32)}
+    feeds = attention_feeds(past_length, cached, seq)
     g = before()
     want = run_torch(g, feeds)
     GlobalAttentionBlocks(block=BLOCK).run(g)
