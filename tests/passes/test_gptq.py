@@ -1,6 +1,6 @@
 """INT4 with GPTQ: a smaller layer-output error than round-to-nearest on a calibrated linear, the same
 MatMulNBits layout, Hessians from the torch reference (experts from their routed tokens), and a tiny
-GPTQ build that matches its fp32 build at least as well as round-to-nearest."""
+GPTQ build that matches its fp32 build strictly better than round-to-nearest."""
 
 from __future__ import annotations
 
@@ -98,7 +98,10 @@ def test_tiny_gptq_build_matches_fp32_and_records_its_method(int4_builds):
     gptq = compare_builds(int4_builds / "gptq", int4_builds / "fp32")
     rtn = compare_builds(int4_builds / "rtn", int4_builds / "fp32")
     assert gptq["cosine_mean"] >= 0.95, gptq
-    assert gptq["cosine_mean"] >= rtn["cosine_mean"] - 0.005, (gptq, rtn)
+    # strictly better than rounding to nearest, by a margin a build that skipped GPTQ cannot reach
+    # (measured: 1 - cosine 0.025 vs 0.035, mean |error| 0.171 vs 0.204)
+    assert 1 - gptq["cosine_mean"] < 0.85 * (1 - rtn["cosine_mean"]), (gptq, rtn)
+    assert gptq["mean_abs_error"] < 0.92 * rtn["mean_abs_error"], (gptq, rtn)
     assert Manifest.read(int4_builds / "gptq").quantization["method"] == "gptq"
     assert Manifest.read(int4_builds / "rtn").quantization["method"] == "rtn"
 

@@ -186,8 +186,6 @@ def test_not_a_spec(text: str, line: int, detail: str, write_spec) -> None:
 CLI_CASES = ["kv_heads_not_divisor", "unknown_key", "yaml_syntax", "missing_name"]
 
 
-@pytest.mark.skipif(not (REPO / "l4compile" / "cli.py").exists(),
-                    reason="l4compile/cli.py is not written yet")
 @pytest.mark.parametrize("case_id", CLI_CASES)
 def test_cli_reports_one_line(case_id: str, tiny_scout_text: str, write_spec) -> None:
     case = next(c for c in CASES if c.id == case_id)

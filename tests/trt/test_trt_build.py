@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,7 @@ from l4compile.cli import main
 from l4compile.runtime import Engine
 from l4compile.trt import builder
 from tests.conftest import spec_path, token_ids
+from tests.trt import fakes
 from tests.trt.conftest import NO_TRT
 
 
@@ -85,7 +87,18 @@ def test_dry_run_for_trt_checks_compatibility(capsys):
     assert "dry run of maverick" in capsys.readouterr().out
 
 
-def test_runtime_says_what_is_missing_for_a_tensorrt_build(trt_copy, capsys):
+def test_dry_run_for_trt_rejects_what_tensorrt_cannot_parse(capsys):
+    """The onnx-cpu pipeline leaves onnxruntime's contrib MoE op, which no TensorRT parser accepts."""
+    assert main(["build", str(spec_path("tiny-maverick")), "--target", "trt", "--dry-run",
+                 "--pipeline", "onnx-cpu"]) != 0
+    captured = capsys.readouterr()
+    assert "dry run of" not in captured.out
+    [line] = captured.err.strip().splitlines()
+    assert line.startswith("l4compile: error: TensorRT would reject this model: node 'layers.1.feed_forward")
+    assert "(MoE): domain 'com.microsoft' is not standard ONNX" in line
+
+
+def test_runtime_says_what_is_missing_for_a_tensorrt_build(trt_copy, capsys, monkeypatch):
     from l4compile.runtime.errors import BuildDirError
     from l4compile.trt.profiles import EngineLimits, with_engine
     directory = trt_copy("tiny-scout")
@@ -94,10 +107,13 @@ def test_runtime_says_what_is_missing_for_a_tensorrt_build(trt_copy, capsys):
     with pytest.raises(BuildDirError, match="engine file is missing; run: l4compile engine"):
         Engine.load(directory)
     (directory / "model.plan").write_bytes(b"not a plan")
-    try:
-        import tensorrt  # noqa: F401
-    except ImportError:
+    with monkeypatch.context() as without:      # whether or not this host has TensorRT
+        without.setitem(sys.modules, "tensorrt", None)
         with pytest.raises(BuildDirError, match="runs on TensorRT, but tensorrt is not installed"):
+            Engine.load(directory)
+    with monkeypatch.context() as with_fake:    # TensorRT that cannot deserialize the file
+        fakes.install(with_fake)
+        with pytest.raises(BuildDirError, match="could not load model.plan .*rebuild it here: l4compile engine"):
             Engine.load(directory)
     expected = Engine.load(directory, backend="onnxruntime").generate(np.array([[1, 2, 3]]), 4, stop_tokens=())
     assert main(["run", str(directory), "--prompt-ids", "1,2,3", "--max-new-tokens", "4", "--stop-ids", "999",
