@@ -55,6 +55,7 @@ class BuildOptions:
     int4_method: str = "auto"            # int4: "gptq" (calibrated error compensation), "rtn" (round to
                                          # nearest), "auto": gptq where calibration fits in memory
     engine: Any = None                   # target trt: l4compile.trt.profiles.EngineOptions (None: defaults)
+    tp: int = 1                          # tensor/expert-parallel ranks (l4compile.passes.shard); 1: unsharded
 
     def quantization(self) -> dict | None:
         """What --quantize did, for the manifest and the model's metadata."""
@@ -83,9 +84,10 @@ class BuildReport:
 
 
 def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] = print,
-                  weights: WeightSource | None = None) -> tuple[Graph, list]:
+                  weights: WeightSource | None = None, rank: int = 0) -> tuple[Graph, list]:
     """Lower and run the target's pipeline, verifying after each pass. `weights` calibrate
-    quantization (without them, as in a dry run, activation scales are 1 and int4 rounds to nearest)."""
+    quantization (without them, as in a dry run, activation scales are 1 and int4 rounds to nearest).
+    With options.tp > 1 the shard pass makes the graph rank `rank`'s, before any quantization."""
     if options.dtype not in DTYPES:
         raise BuildError(f"unsupported build dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
     if weights is None and options.int4_method == "auto":   # nothing to calibrate with: round to nearest
@@ -96,7 +98,8 @@ def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], N
     from l4compile.passes.quantize import quantization_passes
     from l4compile.passes.quantize_activations import UNCALIBRATED
     from l4compile.quant.calibrate import Calibration
-    extra = quantization_passes(options.quantization(), options.target,
+    from l4compile.passes.shard import Shard
+    extra = ([Shard(options.tp, rank)] if options.tp > 1 else []) + quantization_passes(options.quantization(), options.target,
                                 Calibration(weights) if weights is not None else UNCALIBRATED,
                                 Calibration(weights, **GPTQ_CALIBRATION).hessians if weights is not None else None)
     name, results = run_pipeline(graph, options.pipeline or DEFAULT_PIPELINE[options.target], options.disable_passes,

@@ -35,7 +35,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from l4compile.spec import load_spec
     spec = load_spec(args.spec)
     report = build_report(spec, context=args.context, dtype=args.dtype, budget_bytes=args.budget)
-    print(json.dumps(report, indent=2) if args.json else format_report(report))
+    if args.tp:
+        from l4compile.shard.plan import plan_spec
+        plan = plan_spec(spec, args.tp, args.dtype, max_seq=args.context, gpu_memory=args.gpu_memory)
+        report["sharding"] = plan.to_dict()
+    text = format_report(report) + ("\n" + "\n".join(plan.lines()) if args.tp else "")
+    print(json.dumps(report, indent=2) if args.json else text)
+    if args.tp:
+        plan.raise_if_unfit()
     return 0
 
 
@@ -60,6 +67,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     options.engine = engine_options(args)
     from l4compile.quant.cli import apply_quantize_args
     apply_quantize_args(args, options)
+    options.tp = args.tp
+    if args.tp > 1:
+        return _build_sharded(args, spec, options)
     if args.dry_run:
         report = dry_run(spec, options)
         print(f"dry run of {spec.name}: graph verified and ONNX-checked, nothing written")
@@ -81,6 +91,27 @@ def cmd_build(args: argparse.Namespace) -> int:
         free = shutil.disk_usage(existing).free
         verdict = "fits" if report.total_bytes <= free else "does NOT fit: a real build would refuse to start"
         print(f"  {existing} has {format_bytes(free)} free: the build {verdict}")
+    return 0
+
+
+def _build_sharded(args: argparse.Namespace, spec, options) -> int:
+    from l4compile.shard.build import build_sharded, dry_run_sharded
+    if args.dry_run:
+        report, plan = dry_run_sharded(spec, options, args.gpu_memory)
+        print(f"dry run of {spec.name} at --tp {options.tp}: {options.tp} rank graphs verified and checked, "
+              "nothing written")
+        print("\n".join(plan.lines()))
+        plan.raise_if_unfit()
+    else:
+        if args.weights is None:
+            raise BuildError("a build needs weights: --weights random [--seed N] or --weights HF_CHECKPOINT_DIR "
+                             "(or --dry-run to check the graph only)")
+        out = Path(args.output or Path("build") / spec.name)
+        report = build_sharded(spec, out, _weights(args, spec), options, args.gpu_memory)
+        print(f"built {spec.name} at --tp {options.tp} -> {out}")
+    for name, size in report.files.items():
+        print(f"  {name:<28} {format_bytes(size):>12}")
+    print(f"  {report.tensors} weight tensors over {options.tp} ranks, largest {format_bytes(report.largest_tensor_bytes)}")
     return 0
 
 
@@ -130,6 +161,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="dtype for KV-cache bytes (default bfloat16)")
     p.add_argument("--budget", type=_argtype(parse_size, "size"),
                    help="memory budget, e.g. 80GB: does it fit, per weight dtype")
+    p.add_argument("--tp", type=_argtype(_positive_int, "count"),
+                   help="plan a --tp N sharded build: weights and KV cache (at --context, default the engine's "
+                        "maximum sequence) per rank, in --dtype")
+    p.add_argument("--gpu-memory", type=_argtype(parse_size, "size"), default=parse_size("141GB"),
+                   help="memory of one GPU for --tp (default 141GB, an H200): does each rank fit")
     p.set_defaults(func=cmd_inspect)
 
     p = sub.add_parser("build", help="compile a spec into a build directory")
@@ -151,6 +187,12 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-v", "--verbose", action="store_true", help="print each pass's time and stats")
     p.add_argument("--dry-run", action="store_true", help="build and check the graph, write nothing, load no weights")
     p.add_argument("--print-ir", action="store_true", help="print the IR after the pipeline")
+    p.add_argument("--tp", type=_argtype(_positive_int, "count"), default=1,
+                   help="tensor/expert-parallel ranks (with --target trt): one graph, weights file and engine per "
+                        "rank, joined by NCCL collectives (default 1)")
+    p.add_argument("--gpu-memory", type=_argtype(parse_size, "size"), default=parse_size("141GB"),
+                   help="with --tp: memory of one GPU; a rank whose weights and KV cache (at --max-batch x "
+                        "--max-seq) exceed it is an error (default 141GB, an H200)")
     from l4compile.trt.cli import add_engine_args, add_engine_command
     add_engine_args(p, _argtype(_positive_int, "count"))
     from l4compile.quant.cli import add_quant_report_command, add_quantize_args

@@ -28,11 +28,12 @@ from l4compile.passes.cleanup import CommonSubexpressionElimination, ConstantFol
 from l4compile.passes.moe_dispatch import MoEDispatch
 from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4
 from l4compile.passes.quantize_activations import QuantizeActivationsFP8
+from l4compile.passes.shard import Shard
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     ConstantFolding, MoEDispatch, ChunkedAttention, GlobalAttentionBlocks, CommonSubexpressionElimination,
     DeadCodeElimination,
-    QuantizeFP8, QuantizeINT4, QuantizeActivationsFP8,
+    QuantizeFP8, QuantizeINT4, QuantizeActivationsFP8, Shard,
 )}
 
 

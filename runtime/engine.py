@@ -35,6 +35,14 @@ class Engine:
         directory = Path(directory)
         manifest = Manifest.read(directory)
         name = backend or manifest.backend
+        sharded = bool((manifest.sharding or {}).get("ranks"))   # the whole of a build --tp N (not one rank)
+        if sharded and name == "tensorrt":
+            raise BuildDirError(f"{directory}: a sharded TensorRT build runs one engine per GPU: "
+                                f"python -m l4compile.runtime.trt_launcher {directory} (or backend='onnxruntime' "
+                                "to run every rank here on CPU)")
+        if sharded and name == "onnxruntime":   # every rank in this process, host-reduced
+            from l4compile.runtime.sharded_backend import ShardedOnnxRuntimeBackend
+            return cls(directory, manifest, ShardedOnnxRuntimeBackend.load(directory, manifest, providers, threads))
         if name == "onnxruntime":
             from l4compile.runtime.ort_backend import OnnxRuntimeBackend
             return cls(directory, manifest, OnnxRuntimeBackend.load(directory, manifest, providers, threads))

@@ -54,6 +54,9 @@ class Manifest:
     quantization: dict[str, Any] | None = None           # what build --quantize stored quantized; None: nothing
     # target "trt": engine status, precision, limits and profiles (l4compile.trt.profiles); None otherwise
     trt: dict[str, Any] | None = None
+    # a sharded build (build --tp N): ranks, segment files and the reductions between them
+    # (l4compile.shard.build); None for a single-rank build
+    sharding: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}, indent=2)

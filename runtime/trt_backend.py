@@ -76,6 +76,11 @@ class TensorRTBackend:
                                 f"rebuild it here: l4compile engine {directory}")
         return cls(trt, cudart, runtime, engine, manifest)
 
+    def set_communicator(self, communicator: Any) -> None:
+        """A rank of a sharded build: the NCCL communicator (a PyCapsule "ncclComm_t") its collectives use."""
+        for context in self._contexts:
+            context.set_communicator(communicator)
+
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """A build without a KV cache: ids -> logits."""
         return self._run(PREFILL, {"input_ids": ids}, {})["logits"]

@@ -67,8 +67,9 @@ def _write_tensor(out: BinaryIO, param: Value, array: np.ndarray) -> int:
 
 def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
               data_file: str = "model.onnx.data", metadata: dict[str, str] | None = None,
-              progress=None) -> OnnxArtifact:
-    """Lower every IR node to ONNX; stream parameters into out_dir/data_file (skipped when weights is None)."""
+              progress=None, logits_first: bool = True) -> OnnxArtifact:
+    """Lower every IR node to ONNX; stream parameters into out_dir/data_file (skipped when weights is None).
+    The first graph output is named `logits` unless `logits_first` is False (a segment of a sharded build)."""
     b = OnnxBuilder(OPSET)
     weights = with_derived(weights) if weights is not None else None
     env = {name: name for name in graph.inputs}
@@ -105,7 +106,7 @@ def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
 
     outputs = []
     for name in graph.outputs:
-        public = "logits" if name == graph.outputs[0] else name
+        public = "logits" if name == graph.outputs[0] and logits_first else name
         b.scope = "outputs"
         b.nodes.append(helper.make_node("Identity", [env[name]], [public], name=f"output/{public}"))
         outputs.append(_value_info(public, graph.values[name].type))

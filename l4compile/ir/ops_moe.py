@@ -49,7 +49,8 @@ class MoEExperts(Op):
     """Every expert on every token, masked by its score: sum_e expert_e(x * score_e).
 
     x [B, S, H], scores [B, S, E], gate_up [E, H, 2F] (gate then up), down [E, F, H] -> [B, S, H].
-    Cost grows with E (as in transformers); experts with score 0 contribute exactly 0.
+    Cost grows with E (as in transformers); experts with score 0 contribute exactly 0. With
+    `expert_offset`, gate_up and down hold the block of experts [offset, offset + E_local) only.
     """
 
     name = "moe_experts"
@@ -57,13 +58,18 @@ class MoEExperts(Op):
     def infer(self, inputs, attrs):
         x, scores, gate_up, down = inputs
         e, h, f2 = gate_up.shape
-        expect(x.shape[-1] == h and scores.shape[-1] == e, self.name, f"x {x}, scores {scores}, gate_up {gate_up}")
+        offset = attrs.get("expert_offset", 0)
+        block = "expert_offset" in attrs   # a rank's block of the router's experts (expert parallelism)
+        expect(x.shape[-1] == h and scores.shape[-1] >= offset + e and (block or scores.shape[-1] == e),
+               self.name, f"x {x}, scores {scores}, gate_up {gate_up}, expert_offset {offset}")
         expect(down.shape == (e, f2 // 2, h), self.name, f"down {down} does not match gate_up {gate_up}")
         return [x]
 
     def torch(self, torch, inputs, attrs):
         x, scores, gate_up, down = inputs
         hidden = x.shape[-1]
+        offset = attrs.get("expert_offset", 0)
+        scores = scores[..., offset:offset + gate_up.shape[0]]
         tokens = x.reshape(-1, hidden)
         routed_in = tokens[None, :, :] * scores.reshape(-1, scores.shape[-1]).t()[:, :, None]
         gate, up = torch.bmm(routed_in, gate_up).chunk(2, dim=-1)
@@ -76,6 +82,9 @@ class MoEExperts(Op):
     def onnx(self, b, inputs, attrs, types):
         x, scores, gate_up, down = inputs
         e, h, f2 = types[2].shape
+        offset = attrs.get("expert_offset", 0)
+        if offset or types[1].shape[-1] != e:
+            scores = b.node("Slice", [scores, b.int64s(offset), b.int64s(offset + e), b.int64s(-1)])
         tokens = b.node("Reshape", [x, b.int64s(1, -1, h)])                       # [1, T, H]
         per_expert = b.node("Transpose", [b.node("Reshape", [scores, b.int64s(-1, e)])], perm=[1, 0])
         routed_in = b.node("Mul", [tokens, b.node("Unsqueeze", [per_expert, b.int64s(-1)])])  # [E, T, H]

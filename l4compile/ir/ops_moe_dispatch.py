@@ -31,17 +31,25 @@ class MoEDispatch(Op):
     """x [B, S, H], router logits [B, S, E], gate_up [E, H, 2F] (gate then up), down [E, F, H] -> [B, S, H].
 
     out = sum over the top_k experts e of each token: expert_e(x * sigmoid(logit_e)).
+
+    With `expert_offset` (expert parallelism, l4compile.passes.shard), gate_up and down hold only the
+    experts [offset, offset + E_local) of the E the router scores: selection is over all E, and a
+    token's experts outside this block contribute nothing here (another rank runs them).
     """
 
     name = "moe_dispatch"
 
     def infer(self, inputs, attrs):
         logits = inputs[1]
-        out = get_op("moe_experts").infer(inputs, {})  # the same shapes, with logits where scores were
+        offset = attrs.get("expert_offset", 0)
+        # the same shapes as moe_experts, with logits where scores were
+        out = get_op("moe_experts").infer(inputs, {k: v for k, v in attrs.items() if k == "expert_offset"})
         e = logits.shape[-1]
         expect(1 <= attrs["top_k"] <= e, self.name, f"top_k {attrs['top_k']} of {e} experts")
         expect(attrs["impl"] in IMPLS, self.name, f"impl {attrs['impl']!r} is not one of {IMPLS}")
         expect(attrs["impl"] != "ort" or attrs["top_k"] == 1, self.name, "impl 'ort' routes top-1 only")
+        expect(attrs["impl"] != "ort" or inputs[2].shape[0] == e, self.name,
+               "impl 'ort' runs every expert of the router (no expert_offset block)")
         return out
 
     def weight_inputs(self, attrs):
@@ -53,10 +61,13 @@ class MoEDispatch(Op):
         top_value, top_index = torch.topk(logits, attrs["top_k"], dim=-1)
         scores = torch.sigmoid(top_value.float()).to(x.dtype)
         out = torch.zeros_like(tokens)
+        offset = attrs.get("expert_offset", 0)
         for e in top_index.unique().tolist():
+            if not offset <= e < offset + gate_up.shape[0]:
+                continue   # another rank's expert
             rows, slot = (top_index == e).nonzero(as_tuple=True)
-            gate, up = ((tokens[rows] * scores[rows, slot, None]) @ gate_up[e]).chunk(2, dim=-1)
-            out.index_add_(0, rows, (torch.nn.functional.silu(gate) * up) @ down[e])
+            gate, up = ((tokens[rows] * scores[rows, slot, None]) @ gate_up[e - offset]).chunk(2, dim=-1)
+            out.index_add_(0, rows, (torch.nn.functional.silu(gate) * up) @ down[e - offset])
         return [out.reshape(x.shape)]
 
     def onnx(self, b, inputs, attrs, types):
@@ -74,9 +85,11 @@ class _Routing:
         self.experts_n, self.hidden, f2 = types[2].shape
         self.inner = f2 // 2
         self.top_k = attrs["top_k"]
+        self.offset = attrs.get("expert_offset", 0)
+        self.router_n = types[1].shape[-1]
         self.gather_max_tokens = attrs.get("gather_max_tokens", 8)
         self.tokens = b.node("Reshape", [x, b.int64s(-1, self.hidden)])
-        self.logits = b.node("Reshape", [logits, b.int64s(-1, self.experts_n)])
+        self.logits = b.node("Reshape", [logits, b.int64s(-1, self.router_n)])
         selecting = self.logits if self.dtype == "float32" else b.node("Cast", [self.logits], to=1)
         top_value, self.experts = b.node("TopK", [selecting, b.int64s(self.top_k)], n_out=2, axis=-1)
         self.scores = b.node("Sigmoid", [top_value])
@@ -93,10 +106,17 @@ class _Routing:
 
 
 def _gather(b: OnnxBuilder, r: _Routing) -> str:
+    experts, scores = r.experts, r.scores
+    if r.offset or r.experts_n != r.router_n:   # a block of experts: others' tokens get score 0 here
+        local = b.node("Sub", [experts, b.const(r.offset, "int64")])
+        mine = b.node("And", [b.node("GreaterOrEqual", [local, b.const(0, "int64")]),
+                              b.node("Less", [local, b.const(r.experts_n, "int64")])])
+        experts = b.node("Where", [mine, local, b.const(0, "int64")])
+        scores = b.node("Mul", [scores, b.node("Cast", [mine], to=ONNX_DTYPES[r.dtype])])
     routed_in = b.node("Mul", [b.node("Unsqueeze", [r.tokens, b.int64s(1, 2)]),          # [N, 1, 1, H]
-                               b.node("Unsqueeze", [r.scores, b.int64s(2, 3)])])         # [N, k, 1, 1]
-    gate_up = b.node("Gather", [r.gate_up, r.experts], axis=0)                            # [N, k, H, 2F]
-    down = b.node("Gather", [r.down, r.experts], axis=0)                                  # [N, k, F, H]
+                               b.node("Unsqueeze", [scores, b.int64s(2, 3)])])           # [N, k, 1, 1]
+    gate_up = b.node("Gather", [r.gate_up, experts], axis=0)                              # [N, k, H, 2F]
+    down = b.node("Gather", [r.down, experts], axis=0)                                    # [N, k, F, H]
     out = r.swiglu_mlp(b, routed_in, gate_up, down)                                       # [N, k, 1, H]
     return b.node("ReduceSum", [out, b.int64s(1, 2)], keepdims=0)
 
@@ -113,9 +133,11 @@ def _grouped(b: OnnxBuilder, r: _Routing) -> str:
         rows = b.node("Gather", [r.tokens, pair_tokens], axis=0)
     routed_in = b.node("Mul", [rows, pair_scores])                                        # [N*k, H]
     hits = b.node("Equal", [b.node("Unsqueeze", [pair_experts, b.int64s(1)]),
-                            b.const(list(range(r.experts_n)), "int64")])                  # [N*k, E]
+                            b.const(list(range(r.offset, r.offset + r.experts_n)), "int64")])  # [N*k, E]
     used = b.node("ReduceMax", [b.node("Cast", [hits], to=ONNX_DTYPES["int32"]), b.int64s(0)], keepdims=0)
     present = b.node("Reshape", [b.node("NonZero", [used]), b.int64s(-1)])                # experts with tokens
+    if r.offset:   # present holds indices into this rank's block; pairs carry the router's indices
+        pair_experts = b.node("Sub", [pair_experts, b.const(r.offset, "int64")])
     zeros = _filled(b, r.tokens, r.dtype, 0)
     step, cond, acc = b.fresh("step"), b.fresh("cond"), b.fresh("acc")
     with b.capture() as body_nodes:

@@ -116,6 +116,11 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], fl
     if not parser.parse_from_file(str(onnx_path)):
         raise BuildError(parser_error(parser))
     config = builder.create_builder_config()
+    if has_collectives(onnx_path):   # a rank of a sharded build: in-engine NCCL collectives
+        # A preview feature in TensorRT 10.16 (the name says so), generally available from 11.0 on.
+        multi_device = getattr(getattr(trt, "PreviewFeature", None), "MULTIDEVICE_RUNTIME_10_16", None)
+        if multi_device is not None:
+            config.set_preview_feature(multi_device, True)
     for flag in flags:
         if not hasattr(trt.BuilderFlag, flag):
             raise BuildError(f"TensorRT {trt.__version__} has no BuilderFlag.{flag}, which this model needs")
@@ -136,6 +141,13 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], fl
     if timing_cache:
         write_atomic(Path(timing_cache), config.get_timing_cache().serialize())
     return str(trt.__version__)
+
+
+def has_collectives(onnx_path: Path) -> bool:
+    """Whether the model holds DistCollective nodes (reads the graph, not its external weights)."""
+    import onnx
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    return any(node.op_type == "DistCollective" for node in model.graph.node)
 
 
 @contextmanager

@@ -74,6 +74,7 @@ class CompatReport:
     quantized_dq_inputs: dict[str, int] = field(default_factory=dict)   # dtype -> DequantizeLinear nodes
     shape_tensor_inputs: list[str] = field(default_factory=list)        # see l4compile.trt.shapes
     data_dependent: list[dict[str, str]] = field(default_factory=list)
+    min_tensorrt: str = ""           # the oldest TensorRT whose parser takes every op (the table's, or newer)
 
     @property
     def ok(self) -> bool:
@@ -87,7 +88,8 @@ class CompatReport:
                  f"parser: {self.parser}",
                  f"table: {self.table_source.get('repository', '')} {self.table_source.get('file', '')}, "
                  f"{self.table_source.get('version', '')}",
-                 f"model opset: {self.opset}; {self.nodes} nodes, {len(self.op_counts)} op types"]
+                 f"model opset: {self.opset}; {self.nodes} nodes, {len(self.op_counts)} op types",
+                 f"needs TensorRT >= {self.min_tensorrt}"]
         lines += [f"  {op:<20} {n}" for op, n in sorted(self.op_counts.items())]
         if self.quantized_dq_inputs:
             lines.append("quantized (DequantizeLinear inputs): " +
@@ -117,7 +119,7 @@ class _Types:
 
     def __init__(self, model: onnx.ModelProto, base_dir: Path | None) -> None:
         self.base_dir = base_dir
-        self.inferred = onnx.shape_inference.infer_shapes(model, strict_mode=False)
+        self.inferred = onnx.shape_inference.infer_shapes(_collectives_as_identity(model), strict_mode=False)
         self.elem: dict[str, int] = {}
         self.constants: dict[str, TensorProto] = {}
         for g in _graphs(self.inferred.graph):
@@ -141,6 +143,24 @@ class _Types:
         if tensor.data_location == TensorProto.EXTERNAL and self.base_dir is None:
             return None
         return numpy_helper.to_array(tensor, str(self.base_dir) if self.base_dir else "")
+
+
+def _collectives_as_identity(model: onnx.ModelProto) -> onnx.ModelProto:
+    """For shape inference only: DistCollective (no ONNX schema) types its output like Identity.
+    Exact for all_reduce, the one collective l4compile emits."""
+    if not any(node.op_type == "DistCollective" for node in model.graph.node):
+        return model
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    for node in copy.graph.node:
+        if node.op_type == "DistCollective":
+            node.op_type = "Identity"
+            del node.attribute[:]
+    return copy
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in text.split("."))
 
 
 def _graphs(graph: onnx.GraphProto) -> Iterator[onnx.GraphProto]:
@@ -179,9 +199,12 @@ def check_model(model: onnx.ModelProto, base_dir: Path | None = None,
     table = table or load_table()
     opset = next((o.version for o in model.opset_import if o.domain in STANDARD_DOMAINS), None)
     types = _Types(model, base_dir)
-    nodes = [node for g in _graphs(types.inferred.graph) for node in g.node]
+    nodes = [node for g in _graphs(model.graph) for node in g.node]
     report = CompatReport(f"{table['parser']}, table of TensorRT {table['tensorrt_version']}", table["source"],
                           opset, len(nodes), dict(Counter(n.op_type for n in nodes)))
+    versions = [table["ops"][op]["min_tensorrt"] for op in report.op_counts
+                if "min_tensorrt" in table["ops"].get(op, {})]
+    report.min_tensorrt = max([str(table["tensorrt_version"])] + versions, key=_version)
     if opset is None or not table["opset_min"] <= opset <= table["opset_max"]:
         report.problems.append(Problem("<model>", "opset", f"default-domain opset {opset} is outside the "
                                        f"parser's range {table['opset_min']}..{table['opset_max']}"))
@@ -230,6 +253,10 @@ def _check_node(node: onnx.NodeProto, opset: int, types: _Types, table: dict[str
         label = dtype_label(types.elem[tensor])
         if label not in entry["types"]:
             problems += problem(f"{tensor!r} is {label}; TensorRT supports {op} for {', '.join(entry['types'])}")
+    if schema is None and entry["types"] and node.input and node.input[0] in types.elem:   # no ONNX schema
+        label = dtype_label(types.elem[node.input[0]])
+        if label not in entry["types"]:
+            problems += problem(f"{node.input[0]!r} is {label}; TensorRT supports {op} for {', '.join(entry['types'])}")
     for check in entry.get("checks", []):
         reason = _restriction(check, node, types)
         if reason:

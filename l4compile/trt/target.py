@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +39,11 @@ def engine_command(directory: Path, options: EngineOptions, log: Callable[[str],
     """`l4compile engine DIR`: build the engine of a TensorRT-target build in place, atomically."""
     directory = Path(directory)
     manifest = Manifest.read(directory)
+    if (manifest.sharding or {}).get("ranks"):   # build --tp N: one multi-device engine per rank
+        ranks = [engine_command(directory / folder, options, log) for folder in manifest.sharding["ranks"]]
+        manifest = dataclasses.replace(manifest, backend="tensorrt", trt=ranks[0].trt)
+        builder.write_atomic(directory / MANIFEST_FILE, (manifest.to_json() + "\n").encode())
+        return manifest
     if manifest.target != "trt":
         raise BuildError(f"{directory} was built for target {manifest.target!r}; rebuild it with --target trt "
                          "to get the TensorRT-ready ONNX an engine is built from")

@@ -43,19 +43,37 @@ class DerivedWeights(WeightSource):
         derived: Derived | None = param.derived
         if derived is None:
             return self.inner.get(param)
-        from l4compile.quant.schemes import SCHEMES
         key = (derived.source.name, derived.scheme, derived.options)
         if key != self._key:
             self._key, self._parts = None, {}   # drop the previous source's parts first
-            self._parts = SCHEMES[derived.scheme](self.inner.get(derived.source), **dict(derived.options),
-                                                   **dict(derived.inputs))
+            self._parts = _compute(derived, self._source(derived.source))
             self._key = key
         part = self._parts[derived.part]
         return part.reshape(param.type.shape).astype(numpy_dtype(param.type.dtype), copy=False)
 
+    def _source(self, value: Value) -> np.ndarray:
+        """A source tensor; itself derived where passes chain (a rank's slice, then quantized)."""
+        if value.derived is None:
+            return self.inner.get(value)
+        part = _compute(value.derived, self._source(value.derived.source))[value.derived.part]
+        return part.reshape(value.type.shape).astype(numpy_dtype(value.type.dtype), copy=False)
+
     def close(self) -> None:
         self._key, self._parts = None, {}
         self.inner.close()
+
+
+def shard_slice(w: np.ndarray, axis: int, start: int, stop: int) -> dict[str, np.ndarray]:
+    """One rank's part of a tensor-parallel parameter (l4compile.passes.shard): w[start:stop] along `axis`."""
+    index = [slice(None)] * w.ndim
+    index[axis] = slice(start, stop)
+    return {"slice": w[tuple(index)]}
+
+
+def _compute(derived: Derived, source: np.ndarray) -> dict[str, np.ndarray]:
+    from l4compile.quant.schemes import SCHEMES
+    schemes = {**SCHEMES, "slice": shard_slice}
+    return schemes[derived.scheme](source, **dict(derived.options), **dict(derived.inputs))
 
 
 def with_derived(weights: WeightSource) -> WeightSource:
