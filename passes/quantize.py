@@ -33,7 +33,7 @@ from l4compile.ir.types import TensorType
 from l4compile.passes.base import Pass, PassResult
 from l4compile.passes.properties import Property, register_property
 from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rewrites
-from l4compile.weights.derived import Derived
+from l4compile.weights.derived import Derived, is_quantized
 
 CODE_DTYPES = ("float8e4m3fn", "int8", "uint8", "int4")
 HIGH_PRECISION_ROLES = ("router", "norm", "embedding")   # Value.init, as lowering sets it
@@ -44,8 +44,8 @@ CPU_FLOATS = ("float32", "float16")                       # onnxruntime CPU MatM
 
 def _quantized(graph: Graph) -> list[str]:
     """Weights stored quantized: the source of derived parameters, or parameters of a code dtype."""
-    names = [v.derived.source.name if v.derived is not None else v.name for v in graph.params()
-             if v.derived is not None or v.type.dtype in CODE_DTYPES]
+    names = [v.derived.source.name if is_quantized(v) else v.name for v in graph.params()
+             if is_quantized(v) or v.type.dtype in CODE_DTYPES]
     return list(dict.fromkeys(names))
 
 
@@ -93,7 +93,7 @@ def _weight_axis(graph: Graph, value: str, ops: tuple[str, ...] | None = None) -
     """The input-feature axis of a parameter that every reader declares as a weight on that axis
     (and, with `ops`, every reader is one of them); None when it is not a quantizable weight."""
     param = graph.values[value]
-    if param.kind != "param" or param.derived is not None or param.init in HIGH_PRECISION_ROLES \
+    if param.kind != "param" or is_quantized(param) or param.init in HIGH_PRECISION_ROLES \
             or param.type.dtype not in ("float32", "float16", "bfloat16") or param.type.rank < 2:
         return None
     axes = set()
@@ -172,7 +172,7 @@ def _quantize_embeddings(graph: Graph) -> int:
     count = 0
     for param in list(graph.params()):
         readers = graph.users(param.name)
-        if param.init != "embedding" or param.derived is not None or param.type.rank != 2 or not readers \
+        if param.init != "embedding" or is_quantized(param) or param.type.rank != 2 or not readers \
                 or any(n.op != "embedding" or n.inputs[1] != param.name for n in readers):
             continue
         vocab, hidden = param.type.shape

@@ -63,6 +63,11 @@ class DerivedWeights(WeightSource):
         self.inner.close()
 
 
+def is_quantized(value: Value) -> bool:
+    """A parameter computed by a quantization scheme (a rank's plain slice of a weight is not)."""
+    return value.derived is not None and value.derived.scheme != "slice"
+
+
 def shard_slice(w: np.ndarray, axis: int, start: int, stop: int) -> dict[str, np.ndarray]:
     """One rank's part of a tensor-parallel parameter (l4compile.passes.shard): w[start:stop] along `axis`."""
     index = [slice(None)] * w.ndim
