@@ -169,6 +169,9 @@ class _Config:
     def clear_flag(self, flag):
         self.flags.append("-" + flag)
 
+    def set_preview_feature(self, feature, enabled):
+        self.rec("set_preview_feature", feature, enabled)
+
     def add_optimization_profile(self, profile):
         self.profiles.append(profile)
         return len(self.profiles) - 1
@@ -317,6 +320,7 @@ def make_tensorrt(rec: Recorder, memory: dict, version: str = "10.15.1-fake") ->
     trt.__version__ = version
     trt.Logger = type("Logger", (), {"WARNING": 2, "__init__": lambda self, severity=2: None})
     trt.BuilderFlag = types.SimpleNamespace(**{f: f for f in ("FP16", "BF16", "FP8", "INT8", "INT4", "FP4", "TF32")})
+    trt.PreviewFeature = types.SimpleNamespace(MULTIDEVICE_RUNTIME_10_16="MULTIDEVICE_RUNTIME_10_16")
     trt.TensorIOMode = types.SimpleNamespace(INPUT="INPUT", OUTPUT="OUTPUT")
     trt.TensorLocation = types.SimpleNamespace(HOST="HOST", DEVICE="DEVICE")
     trt.nptype = lambda dtype: dtype.type
