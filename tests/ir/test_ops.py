@@ -74,8 +74,13 @@ CASES = {
 }
 
 
+# Ops onnxruntime cannot run, each with where it is tested instead.
+NOT_ON_ONNXRUNTIME = {"all_reduce": "lowers to TensorRT's DistCollective: tests/ir/test_expert_blocks.py; "
+                                    "its sum over ranks: tests/shard"}
+
+
 def test_every_registered_op_has_a_case():
-    assert set(all_ops()) == set(CASES)
+    assert set(all_ops()) == set(CASES) | set(NOT_ON_ONNXRUNTIME)
 
 
 @pytest.mark.parametrize("name", sorted(CASES))
