@@ -220,6 +220,8 @@ def make_parser() -> argparse.ArgumentParser:
     add_quant_report_command(sub, _argtype(_positive_int, "count"))
     from l4compile.hf.commands import add_hf_commands
     add_hf_commands(sub, _argtype(parse_size, "size"))
+    from l4compile.train.cli import add_train_command
+    add_train_command(sub, _argtype(_positive_int, "count"))
     return parser
 
 

@@ -40,3 +40,9 @@ class PassError(L4Error):
     """A pipeline cannot run: unknown pass or pipeline, bad options, or a precondition that does not hold."""
 
     exit_code = 2
+
+
+class TrainError(L4Error):
+    """Training cannot start or continue: bad data, options that do not fit the spec, an incompatible run."""
+
+    exit_code = 2

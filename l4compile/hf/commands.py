@@ -28,9 +28,13 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
-    from l4compile.hf.export import export_from_build, export_state_dict
+    from l4compile.hf.export import export_from_build, export_from_run, export_state_dict, is_training_run
     source, out = Path(args.source), Path(args.output)
-    if (source / "manifest.json").is_file():
+    if is_training_run(source):
+        if args.spec:
+            raise BuildError("--spec is for a state_dict file; a training run carries its own spec")
+        report = export_from_run(source, out, args.dtype, args.max_shard_size)
+    elif (source / "manifest.json").is_file():
         if args.spec:
             raise BuildError("--spec is for a state_dict file; a build directory carries its own spec")
         report = export_from_build(source, out, args.dtype, args.max_shard_size)
@@ -42,7 +46,8 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
         report = export_state_dict(_load_state_dict(source), spec, out, args.dtype or "float32",
                                    args.max_shard_size)
     else:
-        raise BuildError(f"{source}: expected a build directory or a torch state_dict file")
+        raise BuildError(f"{source}: expected a build directory, a training run (l4compile train -o RUN) or a "
+                         "torch state_dict file")
     print(f"exported {report.tensors} tensors -> {out}")
     for name, size in report.files.items():
         print(f"  {name:<40} {size:>14,d} B")
@@ -76,12 +81,13 @@ def add_hf_commands(sub: argparse._SubParsersAction, size_type: Callable[[str], 
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help="write a Hugging Face checkpoint (config.json + safetensors) "
-                                         "from a build directory or a trained state_dict")
-    p.add_argument("source", help="build directory, or a GraphModule state_dict saved with torch.save")
+                                         "from a build directory, a training run or a trained state_dict")
+    p.add_argument("source", help="build directory, training run directory (its latest checkpoint) or one of its "
+                                  "checkpoints/step-N, or a GraphModule state_dict saved with torch.save")
     p.add_argument("-o", "--output", required=True, help="checkpoint directory to write")
     p.add_argument("--spec", help="the spec of a state_dict source")
     p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"],
-                   help="tensor dtype (default: the build's, float32 for a state_dict)")
+                   help="tensor dtype (default: the build's, float32 for a training run or a state_dict)")
     p.add_argument("--max-shard-size", type=size_type, default=5 * 10**9,
                    help="largest safetensors shard, e.g. 5GB (default); more shards get an index")
     p.set_defaults(func=cmd_export_hf)

@@ -1,8 +1,9 @@
 """Export weights as a Hugging Face checkpoint that `Llama4ForCausalLM.from_pretrained` loads.
 
 This is how trained weights leave the project: from a build directory (the
-weights in its ONNX external-data file) or from a trained GraphModule's
-state_dict (keys are IR parameter names). Tensors are converted and written one
+weights in its ONNX external-data file), from a training run of `l4compile train`
+(its latest sharded checkpoint, read whole in one process), or from a trained
+GraphModule's state_dict (keys are IR parameter names). Tensors are converted and written one
 at a time into safetensors shards (with an index when there are several); the
 directory appears complete or not at all.
 """
@@ -167,6 +168,23 @@ def _write_shards(directory: Path, shards: list[list[TensorPlan]], produce) -> N
     total = sum(plan.nbytes for shard in shards for plan in shard)
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+
+
+def is_training_run(path: str | Path) -> bool:
+    """A run directory of `l4compile train`, or one of its checkpoints/step-N directories."""
+    path = Path(path)
+    return (path / "run.json").is_file() or (path / ".complete").is_file()
+
+
+def export_from_run(run: str | Path, out_dir: str | Path, dtype: str | None = None,
+                    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
+    """Export the latest checkpoint of a training run (or the given checkpoints/step-N) in float32 unless told."""
+    from l4compile.train.checkpoint import latest_checkpoint, load_model_state, run_dir_of, run_spec
+    where, _ = latest_checkpoint(Path(run))
+    spec = run_spec(run_dir_of(where))
+    from l4compile.train.weights import ir_state_dict
+    tensors = ir_state_dict(load_model_state(where, spec), spec)
+    return export_state_dict(tensors, spec, out_dir, dtype or "float32", max_shard_bytes)
 
 
 def export_from_build(build_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
