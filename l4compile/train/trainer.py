@@ -238,10 +238,12 @@ class Trainer:
 
     def run(self) -> list[dict]:
         """Train from the start (or the resumed step) to --steps; returns this invocation's step metrics."""
+        threads = torch.get_num_threads()
         try:
             self._setup()
             return self._loop()
         finally:
+            torch.set_num_threads(threads)
             if self.world is not None:
                 close_world(self.world)
 

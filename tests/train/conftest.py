@@ -22,7 +22,7 @@ def corpus(tmp_path) -> Path:
 
 
 def train(*args: str, spec: str = TINY_SCOUT) -> int:
-    return main(["train", spec, "--tokenizer", "bytes", "--seq-len", "32", "--batch", "4", "--lr", "3e-3",
+    return main(["train", spec, "--tokenizer", "bytes", "--seq-len", "32", "--batch", "4", "--lr", "3e-3", "--threads", "1",
                  *map(str, args)])
 
 

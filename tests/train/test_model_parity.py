@@ -83,3 +83,17 @@ def test_matches_reference_graph_module(tmp_path):
     assert abs(ours.item() - ref.item()) <= 1e-5
     ours_ir = ir_state_dict({n: p.grad for n, p in model.named_parameters()}, spec)
     _assert_grads_close(ours_ir, {n: p.grad for n, p in graph_module.named_parameters()})
+
+
+def test_activation_checkpointing_changes_nothing(tmp_path):
+    from l4compile.train.parallel import apply_activation_checkpointing
+    spec, model = _ours_from(save(causal_lm(seed=5), tmp_path / "hf"))
+    _, checkpointed = _ours_from(tmp_path / "hf")
+    apply_activation_checkpointing(checkpointed)
+    ids = torch.from_numpy(ids_for(spec.vocab_size))
+    labels = _labels(ids)
+    for m in (model, checkpointed):
+        _loss(m, ids, labels).backward()
+    assert list(dict(checkpointed.named_parameters())) == list(dict(model.named_parameters()))
+    _assert_grads_close({n: p.grad for n, p in checkpointed.named_parameters()},
+                        {n: p.grad for n, p in model.named_parameters()})
