@@ -22,6 +22,7 @@ from l4compile.inspect import build_report, format_bytes
 from l4compile.ir.verify import verify
 from l4compile.lower import lower
 from l4compile.passes.pipelines import DEFAULT_PIPELINE, run_pipeline
+from l4compile.progress import current
 from l4compile.runtime.manifest import MANIFEST_FILE, LayerInfo, Manifest, TensorInfo
 from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import WeightSource
@@ -77,24 +78,43 @@ class BuildReport:
     largest_tensor_bytes: int
     pass_results: list = field(default_factory=list)
     dry_run: bool = False
+    pipeline: str = ""
+    quantization: dict | None = None   # BuildOptions.quantization()
 
     @property
     def total_bytes(self) -> int:
         return sum(self.files.values())
+
+    def to_dict(self) -> dict[str, Any]:
+        """The build part of `build --json`: files, pipeline, each pass's time and stats, quantization."""
+        passes = [{"name": name, "seconds": round(r.seconds, 6), "changed": r.changed, "stats": dict(r.stats),
+                   **({"skipped": r.skipped} if r.skipped else {})} for name, r in self.pass_results]
+        quantization = None
+        if self.quantization is not None:
+            quantization = {**self.quantization, "passes": {p["name"]: p["stats"] for p in passes
+                                                             if p["name"].startswith("quantize")}}
+        return {"output": str(self.out_dir) if self.out_dir is not None else None, "dry_run": self.dry_run,
+                "files": dict(self.files), "total_bytes": self.total_bytes, "tensors": self.tensors,
+                "largest_tensor_bytes": self.largest_tensor_bytes, "pipeline": self.pipeline, "passes": passes,
+                "quantization": quantization}
 
 
 def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] = print,
                   weights: WeightSource | None = None, rank: int = 0) -> tuple[Graph, list]:
     """Lower and run the target's pipeline, verifying after each pass. `weights` calibrate
     quantization (without them, as in a dry run, activation scales are 1 and int4 rounds to nearest).
-    With options.tp > 1 the shard pass makes the graph rank `rank`'s, before any quantization."""
+    With options.tp > 1 the shard pass makes the graph rank `rank`'s, before any quantization.
+    `log` gets the IR that --print-ir / --print-ir-after ask for; -v's per-pass lines and warnings go
+    to the progress reporter (`l4compile.progress.current`)."""
+    progress = current()
     if options.dtype not in DTYPES:
         raise BuildError(f"unsupported build dtype {options.dtype!r}; choose one of {', '.join(DTYPES)}")
     if weights is None and options.int4_method == "auto":   # nothing to calibrate with: round to nearest
         options = dataclasses.replace(options, int4_method="rtn")
-    options = resolve_calibration(spec, options, log) if weights is not None else options
-    graph = lower(spec, options.dtype)
-    verify(graph)
+    options = resolve_calibration(spec, options, progress.warn) if weights is not None else options
+    with progress.phase("lower"):
+        graph = lower(spec, options.dtype)
+        verify(graph)
     from l4compile.passes.quantize import quantization_passes
     from l4compile.passes.quantize_activations import UNCALIBRATED
     from l4compile.quant.calibrate import Calibration
@@ -103,7 +123,8 @@ def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], N
                                 Calibration(weights) if weights is not None else UNCALIBRATED,
                                 Calibration(weights, **GPTQ_CALIBRATION).hessians if weights is not None else None)
     name, results = run_pipeline(graph, options.pipeline or DEFAULT_PIPELINE[options.target], options.disable_passes,
-                                 options.verify, options.verbose, options.print_ir_after, log, extra)
+                                 options.verify, options.verbose, options.print_ir_after, progress.note, extra,
+                                 show_ir=log)
     if not options.verify:
         verify(graph)
     graph.metadata["l4compile.pipeline"] = name
@@ -146,20 +167,24 @@ def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] =
     """Build and check the full graph without materialising a single weight."""
     options = dataclasses.replace(options, int4_method="rtn") if options.int4_method == "auto" else options
     graph, results = compile_graph(spec, options, log)
-    artifact = emit_onnx(graph, None, None, DATA_FILE, _metadata(spec, options))
+    progress = current()
+    with progress.phase("emit"):
+        artifact = emit_onnx(graph, None, None, DATA_FILE, _metadata(spec, options))
     with tempfile.TemporaryDirectory(prefix="l4compile-dry-run-") as tmp:
         # A sparse data file of the real size: the checker sees exactly what a build writes, no disk is used.
         with open(Path(tmp) / DATA_FILE, "wb") as sparse:
             sparse.truncate(artifact.weight_bytes)
-        onnx.save_model(artifact.model, Path(tmp) / MODEL_FILE)
-        onnx.checker.check_model(str(Path(tmp) / MODEL_FILE), full_check=True)
+        with progress.phase("check"):
+            onnx.save_model(artifact.model, Path(tmp) / MODEL_FILE)
+            onnx.checker.check_model(str(Path(tmp) / MODEL_FILE), full_check=True)
         if options.target == "trt":
             from l4compile.trt.compat import check_file
-            check_file(Path(tmp) / MODEL_FILE).raise_if_incompatible()
+            with progress.phase("compat check"):
+                check_file(Path(tmp) / MODEL_FILE).raise_if_incompatible()
     manifest_bytes = len(_manifest(spec, graph, options, "(dry run)").to_json()) + 1
     files = {MODEL_FILE: artifact.model.ByteSize(), DATA_FILE: artifact.weight_bytes, MANIFEST_FILE: manifest_bytes}
-    return BuildReport(None, files,
-                       artifact.tensors, artifact.largest_tensor_bytes, results, dry_run=True)
+    return BuildReport(None, files, artifact.tensors, artifact.largest_tensor_bytes, results, dry_run=True,
+                       pipeline=graph.metadata["l4compile.pipeline"], quantization=options.quantization())
 
 
 def physical_memory() -> int:
@@ -186,10 +211,12 @@ def resolve_calibration(spec: ModelSpec, options: BuildOptions, log: Callable[[s
 
 
 def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildOptions,
-          log: Callable[[str], None] = print, progress: Callable | None = None) -> BuildReport:
-    """Write a complete build directory, or nothing: work in a temp dir, then rename."""
+          log: Callable[[str], None] = print) -> BuildReport:
+    """Write a complete build directory, or nothing: work in a temp dir, then rename. Each step is a
+    phase of the current progress reporter; `log` gets the IR --print-ir asks for."""
     out_dir = Path(out_dir)
-    options = resolve_calibration(spec, options, log)
+    progress = current()
+    options = resolve_calibration(spec, options, progress.warn)
     if options.target not in TARGETS:
         raise BuildError(f"unknown target {options.target!r}; choose one of {', '.join(TARGETS)}")
     if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file():
@@ -197,21 +224,25 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
     graph, results = compile_graph(spec, options, log, weights)
     parent = out_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
-    needed = sum(v.type.nbytes() for v in graph.params())
+    params = graph.params()
+    needed = sum(v.type.nbytes() for v in params)
     free = shutil.disk_usage(parent).free
     if needed > free:
         raise BuildError(f"the build needs {format_bytes(needed)} for weights but {parent} has only "
                          f"{format_bytes(free)} free")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     try:
-        artifact = emit_onnx(graph, tmp, weights, DATA_FILE, _metadata(spec, options), progress)
-        onnx.save_model(artifact.model, tmp / MODEL_FILE)
-        onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        with progress.phase("write weights", total=len(params), unit="tensor", size_total=needed,
+                            detail=_stream_detail(options)) as task:
+            artifact = emit_onnx(graph, tmp, weights, DATA_FILE, _metadata(spec, options), task)
+        with progress.phase("check"):
+            onnx.save_model(artifact.model, tmp / MODEL_FILE)
+            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         manifest = _manifest(spec, graph, options, weights.description)
         if options.target == "trt":  # compat report, then an engine or one line saying why not
             from l4compile.trt.profiles import EngineOptions
             from l4compile.trt.target import finish_build
-            manifest = finish_build(tmp, out_dir, manifest, options.engine or EngineOptions(), log)
+            manifest = finish_build(tmp, out_dir, manifest, options.engine or EngineOptions())
         manifest.write(tmp)
         replace_dir(tmp, out_dir)
     except BaseException:
@@ -220,7 +251,17 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
     finally:
         weights.close()
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
-    return BuildReport(out_dir, files, artifact.tensors, artifact.largest_tensor_bytes, results)
+    return BuildReport(out_dir, files, artifact.tensors, artifact.largest_tensor_bytes, results,
+                       pipeline=graph.metadata["l4compile.pipeline"], quantization=options.quantization())
+
+
+def _stream_detail(options: BuildOptions) -> str:
+    """What else happens to each tensor as it is written."""
+    quantization = options.quantization()
+    if quantization is None:
+        return ""
+    method = " by GPTQ" if quantization.get("method") == "gptq" else ""
+    return f"({quantization['weights']} codes{method} computed as each tensor is written)"
 
 
 def replace_dir(new: Path, target: Path) -> None:

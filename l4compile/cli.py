@@ -10,6 +10,7 @@ from pathlib import Path
 from l4compile import __version__
 from l4compile.errors import BuildError, L4Error
 from l4compile.inspect import canonical_dtype, format_bytes, parse_size
+from l4compile.progress import Progress, add_progress_args, current
 
 
 def _argtype(convert, what: str):
@@ -59,7 +60,9 @@ def _weights(args: argparse.Namespace, spec):
 def cmd_build(args: argparse.Namespace) -> int:
     from l4compile.build import BuildOptions, build, dry_run
     from l4compile.spec import load_spec
-    spec = load_spec(args.spec)
+    progress = current()
+    with progress.phase("load spec"):
+        spec = load_spec(args.spec)
     options = BuildOptions(target=args.target, dtype=args.dtype, pipeline=args.pipeline, print_ir=args.print_ir,
                            disable_passes=tuple(args.disable_pass), print_ir_after=args.print_ir_after,
                            verify=args.verify, verbose=args.verbose)
@@ -68,51 +71,80 @@ def cmd_build(args: argparse.Namespace) -> int:
     from l4compile.quant.cli import apply_quantize_args
     apply_quantize_args(args, options)
     options.tp = args.tp
+    # --print-ir and --print-ir-after are results: stdout, unless stdout holds the --json report
+    show_ir = (lambda text: print(text, file=sys.stderr)) if args.json else print
     if args.tp > 1:
-        return _build_sharded(args, spec, options)
+        return _build_sharded(args, spec, options, show_ir)
     if args.dry_run:
-        report = dry_run(spec, options)
-        print(f"dry run of {spec.name}: graph verified and ONNX-checked, nothing written")
+        report = dry_run(spec, options, show_ir)
     else:
         if args.weights is None:
             raise BuildError("a build needs weights: --weights random [--seed N] or --weights HF_CHECKPOINT_DIR "
                              "(or --dry-run to check the graph only)")
         out = Path(args.output or Path("build") / spec.name)
-        report = build(spec, out, _weights(args, spec), options)
-        print(f"built {spec.name} -> {out}")
+        with progress.phase("open weights"):
+            weights = _weights(args, spec)
+        report = build(spec, out, weights, options, show_ir)
+    disk = _disk_space(Path(args.output or Path("build") / spec.name), report.total_bytes) if args.dry_run else None
+    if args.json:
+        result = {"command": "build", "spec": spec.name, "spec_file": str(args.spec), "target": options.target,
+                  "dtype": options.dtype, "weights": None if args.dry_run else args.weights, **report.to_dict()}
+        if disk is not None:
+            result["disk"] = {"directory": str(disk[0]), "free_bytes": disk[1], "fits": report.total_bytes <= disk[1]}
+        print(json.dumps({**result, **progress.report()}, indent=2))
+        return 0
+    print(f"dry run of {spec.name}: graph verified and ONNX-checked, nothing written" if args.dry_run
+          else f"built {spec.name} -> {report.out_dir}")
     for name, size in report.files.items():
         print(f"  {name:<20} {format_bytes(size):>12}")
     print(f"  {report.tensors} weight tensors, largest {format_bytes(report.largest_tensor_bytes)}, "
           f"total {format_bytes(report.total_bytes)}")
-    if args.dry_run:
-        import shutil
-        target = Path(args.output or Path("build") / spec.name).resolve()
-        existing = next(p for p in (target, *target.parents) if p.exists())
-        free = shutil.disk_usage(existing).free
-        verdict = "fits" if report.total_bytes <= free else "does NOT fit: a real build would refuse to start"
-        print(f"  {existing} has {format_bytes(free)} free: the build {verdict}")
+    if disk is not None:
+        verdict = "fits" if report.total_bytes <= disk[1] else "does NOT fit: a real build would refuse to start"
+        print(f"  {disk[0]} has {format_bytes(disk[1])} free: the build {verdict}")
     return 0
 
 
-def _build_sharded(args: argparse.Namespace, spec, options) -> int:
+def _build_sharded(args: argparse.Namespace, spec, options, show_ir) -> int:
     from l4compile.shard.build import build_sharded, dry_run_sharded
+    progress, plan = current(), None
     if args.dry_run:
-        report, plan = dry_run_sharded(spec, options, args.gpu_memory)
-        print(f"dry run of {spec.name} at --tp {options.tp}: {options.tp} rank graphs verified and checked, "
-              "nothing written")
-        print("\n".join(plan.lines()))
-        plan.raise_if_unfit()
+        report, plan = dry_run_sharded(spec, options, args.gpu_memory, show_ir)
     else:
         if args.weights is None:
             raise BuildError("a build needs weights: --weights random [--seed N] or --weights HF_CHECKPOINT_DIR "
                              "(or --dry-run to check the graph only)")
         out = Path(args.output or Path("build") / spec.name)
-        report = build_sharded(spec, out, _weights(args, spec), options, args.gpu_memory)
-        print(f"built {spec.name} at --tp {options.tp} -> {out}")
-    for name, size in report.files.items():
-        print(f"  {name:<28} {format_bytes(size):>12}")
-    print(f"  {report.tensors} weight tensors over {options.tp} ranks, largest {format_bytes(report.largest_tensor_bytes)}")
+        with progress.phase("open weights"):
+            weights = _weights(args, spec)
+        report = build_sharded(spec, out, weights, options, args.gpu_memory, show_ir)
+    if args.json:
+        result = {"command": "build", "spec": spec.name, "spec_file": str(args.spec), "target": options.target,
+                  "dtype": options.dtype, "tp": options.tp, "weights": None if args.dry_run else args.weights,
+                  **report.to_dict(), **({"sharding": plan.to_dict()} if plan is not None else {})}
+        print(json.dumps({**result, **progress.report()}, indent=2))
+    else:
+        if plan is not None:
+            print(f"dry run of {spec.name} at --tp {options.tp}: {options.tp} rank graphs verified and checked, "
+                  "nothing written")
+            print("\n".join(plan.lines()))
+        else:
+            print(f"built {spec.name} at --tp {options.tp} -> {report.out_dir}")
+        for name, size in report.files.items():
+            print(f"  {name:<28} {format_bytes(size):>12}")
+        print(f"  {report.tensors} weight tensors over {options.tp} ranks, largest "
+              f"{format_bytes(report.largest_tensor_bytes)}")
+    if plan is not None:
+        plan.raise_if_unfit()
     return 0
+
+
+def _disk_space(target: Path, needed: int) -> tuple[Path, int]:
+    """The nearest existing directory at or above `target`, and its free bytes."""
+    import shutil
+    target = target.resolve()
+    existing = next(p for p in (target, *target.parents) if p.exists())
+    return existing, shutil.disk_usage(existing).free
 
 
 def cmd_passes(args: argparse.Namespace) -> int:
@@ -132,17 +164,27 @@ def _id_list(text: str) -> list[int]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    import time
+
     import numpy as np
     from l4compile.runtime import Engine
-    engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
+    progress = current()
+    with progress.phase("load engine"):
+        engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
     stops = tuple(args.stop_ids) if args.stop_ids is not None else None
     tokens = engine.stream(np.array(args.prompt_ids), args.max_new_tokens, temperature=args.temperature,
                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops)
-    first = next(tokens, None)  # input errors surface here, before anything is printed
-    print(",".join(map(str, args.prompt_ids + ([first] if first is not None else []))), end="", flush=True)
-    for token in tokens:
-        print(f",{token}", end="", flush=True)
-    print()
+    # Tokens go to stdout as they come; a live bar only where it cannot land among them.
+    with progress.phase("generate", total=args.max_new_tokens, unit="token", live=not progress.shares_stdout) as task:
+        first = next(tokens, None)  # input errors surface here, before anything is printed
+        if first is not None:
+            task.advance(1)
+            task.comment = f"first token after {time.monotonic() - task.start:.3f} s ({len(args.prompt_ids)}-token prompt)"
+        print(",".join(map(str, args.prompt_ids + ([first] if first is not None else []))), end="", flush=True)
+        for token in tokens:
+            print(f",{token}", end="", flush=True)
+            task.advance(1)
+        print()
     return 0
 
 
@@ -184,7 +226,9 @@ def make_parser() -> argparse.ArgumentParser:
                    help="leave this pass out of the pipeline (repeatable)")
     p.add_argument("--print-ir-after", metavar="NAME", help="print the IR after this pass")
     p.add_argument("--verify", action="store_true", help="run the IR verifier after every pass")
-    p.add_argument("-v", "--verbose", action="store_true", help="print each pass's time and stats")
+    add_progress_args(p)
+    p.add_argument("--json", action="store_true", help="print one machine-readable report on stdout at the end "
+                   "(files, sizes, pipeline, per-pass times and stats, quantization, warnings, phase times)")
     p.add_argument("--dry-run", action="store_true", help="build and check the graph, write nothing, load no weights")
     p.add_argument("--print-ir", action="store_true", help="print the IR after the pipeline")
     p.add_argument("--tp", type=_argtype(_positive_int, "count"), default=1,
@@ -214,6 +258,7 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
                    help="run with this backend instead of the manifest's (a TensorRT build's ONNX runs on onnxruntime)")
+    add_progress_args(p)
     p.set_defaults(func=cmd_run)
 
     add_engine_command(sub, _argtype(_positive_int, "count"))
@@ -228,8 +273,13 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
+    progress = Progress.from_args(args)   # progress and warnings on stderr; -q/-v where the command has them
     try:
-        return args.func(args)
+        with progress.activate():
+            code = args.func(args)
+        if code == 0 and hasattr(args, "quiet"):
+            progress.finish(args.command)
+        return code
     except L4Error as exc:
         if args.debug:
             raise

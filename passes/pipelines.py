@@ -148,14 +148,18 @@ def _entry_lines(root: Any) -> list[int]:
 
 def run_pipeline(graph: Any, ref: str, disable: Iterable[str] = (), verify_each: bool = True,
                  verbose: bool = False, print_ir_after: str | None = None,
-                 log: Callable[[str], None] = print, extra: Iterable[Pass] = ()) -> tuple[str, list]:
-    """Run a pipeline on `graph`: -v logs each pass's time and stats, print_ir_after the IR after that pass.
-    `extra` passes run after the pipeline's own (build --quantize appends its passes there).
+                 log: Callable[[str], None] = print, extra: Iterable[Pass] = (),
+                 show_ir: Callable[[str], None] | None = None) -> tuple[str, list]:
+    """Run a pipeline on `graph`: -v logs each pass's time and stats, print_ir_after the IR after that pass
+    (through `show_ir`, default `log`). `extra` passes run after the pipeline's own (build --quantize
+    appends its passes there). The run is the "passes" phase of the current progress reporter.
 
     Returns the pipeline's label (its name, with any disabled passes and extra ones) and the per-pass results.
     """
     from l4compile.ir.printer import print_ir
     from l4compile.passes.base import PassManager, format_result
+    from l4compile.progress import current
+    show_ir = show_ir or log
     declared = load_pipeline(ref)
     extra = list(extra)
     passes = pipeline(ref, disable) + extra
@@ -165,14 +169,16 @@ def run_pipeline(graph: Any, ref: str, disable: Iterable[str] = (), verify_each:
             raise PassError(f"--print-ir-after {print_ir_after}: that pass does not run in pipeline {declared.name}")
 
     def after(p: Pass, g: Any, result: Any) -> None:
+        task.advance(item=p.name)
         if verbose:
             log(format_result(p.name, result))
         if p.name == print_ir_after:
-            log(f"// IR after {p}\n{print_ir(g)}")
+            show_ir(f"// IR after {p}\n{print_ir(g)}")
 
     if verbose:
         log(f"pipeline {declared.name}: {', '.join(str(p) for p in passes) or '(no passes)'}")
-    results = PassManager(passes, verify_each=verify_each, after_pass=after).run(graph)
+    with current().phase("passes", total=len(passes), unit="pass") as task:
+        results = PassManager(passes, verify_each=verify_each, after_pass=after).run(graph)
     off = [name for name, _ in declared.passes if name in set(disable)]
     label = declared.name + (f" (without {', '.join(dict.fromkeys(off))})" if off else "")
     label += "".join(f" + {p.name}" for p in extra)

@@ -21,6 +21,7 @@ from l4compile.errors import WeightError
 from l4compile.ir.graph import Graph, Value
 from l4compile.ir.op import ONNX_DTYPES, OnnxBuilder, get_op
 from l4compile.ir.types import TensorType
+from l4compile.progress import Task
 from l4compile.weights.base import WeightSource
 from l4compile.weights.derived import with_derived
 
@@ -67,8 +68,9 @@ def _write_tensor(out: BinaryIO, param: Value, array: np.ndarray) -> int:
 
 def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
               data_file: str = "model.onnx.data", metadata: dict[str, str] | None = None,
-              progress=None, logits_first: bool = True) -> OnnxArtifact:
+              progress: Task | None = None, logits_first: bool = True) -> OnnxArtifact:
     """Lower every IR node to ONNX; stream parameters into out_dir/data_file (skipped when weights is None).
+    `progress` (a phase of `l4compile.progress`) advances by one tensor and its bytes per tensor written.
     The first graph output is named `logits` unless `logits_first` is False (a segment of a sharded build)."""
     b = OnnxBuilder(OPSET)
     weights = with_derived(weights) if weights is not None else None
@@ -82,14 +84,14 @@ def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
     params = graph.params()
     sink = open(out_dir / data_file, "wb") if (weights is not None and out_dir is not None) else None
     try:
-        for i, param in enumerate(params):
+        for param in params:
             offset = -(-offset // ALIGN) * ALIGN
             length = param.type.nbytes()
             if sink is not None:
                 sink.write(b"\0" * (offset - sink.tell()))
                 length = _write_tensor(sink, param, weights.get(param))
-                if progress:
-                    progress(i + 1, len(params), param.name)
+                if progress is not None:
+                    progress.advance(1, length, param.name)
             initializers.append(_external_initializer(param, offset, length, data_file))
             env[param.name] = param.name
             offset += length

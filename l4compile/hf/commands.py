@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -29,6 +30,8 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
     from l4compile.hf.export import export_from_build, export_from_run, export_state_dict, is_training_run
+    from l4compile.progress import current
+    progress = current()
     source, out = Path(args.source), Path(args.output)
     if is_training_run(source):
         if args.spec:
@@ -42,12 +45,19 @@ def cmd_export_hf(args: argparse.Namespace) -> int:
         if not args.spec:
             raise BuildError(f"{source}: a state_dict file needs --spec SPEC (the spec it was trained with)")
         from l4compile.spec import load_spec
-        spec = load_spec(args.spec)
-        report = export_state_dict(_load_state_dict(source), spec, out, args.dtype or "float32",
-                                   args.max_shard_size)
+        with progress.phase("load spec"):
+            spec = load_spec(args.spec)
+        with progress.phase("load state_dict"):
+            state_dict = _load_state_dict(source)
+        report = export_state_dict(state_dict, spec, out, args.dtype or "float32", args.max_shard_size)
     else:
         raise BuildError(f"{source}: expected a build directory, a training run (l4compile train -o RUN) or a "
                          "torch state_dict file")
+    if args.json:
+        print(json.dumps({"command": "export-hf", "source": str(source), "output": str(out),
+                          "tensors": report.tensors, "files": report.files,
+                          "total_bytes": sum(report.files.values()), **progress.report()}, indent=2))
+        return 0
     print(f"exported {report.tensors} tensors -> {out}")
     for name, size in report.files.items():
         print(f"  {name:<40} {size:>14,d} B")
@@ -90,4 +100,8 @@ def add_hf_commands(sub: argparse._SubParsersAction, size_type: Callable[[str], 
                    help="tensor dtype (default: the build's, float32 for a training run or a state_dict)")
     p.add_argument("--max-shard-size", type=size_type, default=5 * 10**9,
                    help="largest safetensors shard, e.g. 5GB (default); more shards get an index")
+    p.add_argument("--json", action="store_true", help="print one machine-readable report on stdout at the end "
+                   "(files, sizes, phase times, warnings)")
+    from l4compile.progress import add_progress_args
+    add_progress_args(p)
     p.set_defaults(func=cmd_export_hf)

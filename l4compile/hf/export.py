@@ -23,6 +23,7 @@ from l4compile.errors import BuildError, WeightError
 from l4compile.hf.checkpoint import INDEX_FILE
 from l4compile.hf.config import CONFIG_FILE, hf_config_from_spec
 from l4compile.hf.safetensors_io import TensorPlan, read_mapped, write_safetensors
+from l4compile.progress import current
 from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import numpy_dtype
 from l4compile.weights.hf_mapping import hf_name_of
@@ -98,14 +99,20 @@ def export_checkpoint(spec: ModelSpec, tensors: Mapping[str, MappedTensor | Arra
 
     def produce(plan: TensorPlan) -> np.ndarray:
         source, transpose = sources[plan.name]
-        return source.read(out_type, transpose)
+        array = source.read(out_type, transpose)
+        task.advance(1, plan.nbytes, plan.name)   # read and converted; its bytes are written next
+        return array
 
     out_dir = Path(out_dir)
     tmp = _staging_dir(out_dir)
+    shards = _shards(plans, max_shard_bytes)
     try:
         config = hf_config_from_spec(spec, dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        _write_shards(tmp, _shards(plans, max_shard_bytes), produce)
+        with current().phase("write shards", total=len(plans), unit="tensor",
+                             size_total=sum(plan.nbytes for plan in plans),
+                             detail=f"({len(shards)} safetensors file{'s' if len(shards) > 1 else ''})") as task:
+            _write_shards(tmp, shards, produce)
         from l4compile.build import replace_dir
         replace_dir(tmp, out_dir)
     except BaseException:
@@ -190,7 +197,8 @@ def export_from_run(run: str | Path, out_dir: str | Path, dtype: str | None = No
 def export_from_build(build_dir: str | Path, out_dir: str | Path, dtype: str | None = None,
                       max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
     """Export the weights of a build directory (dtype: the build's unless given)."""
-    build_dtype, spec, tensors = read_build(Path(build_dir))
+    with current().phase("read build"):
+        build_dtype, spec, tensors = read_build(Path(build_dir))
     return export_checkpoint(spec, tensors, out_dir, dtype or build_dtype, max_shard_bytes)
 
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from l4compile.errors import BuildError
 from l4compile.ir.graph import Graph
+from l4compile.progress import Task, current
 from l4compile.weights.base import WeightSource
 
 CALIBRATION_SEED = 1234   # calibration prompts are not the prompts an accuracy report compares on
@@ -63,19 +64,30 @@ class Calibration:
     def __repr__(self) -> str:
         return f"Calibration({self.batches} batches of {self.batch_size}x{self.seq_len} tokens, seed {self.seed})"
 
+    def _batches(self, graph: Graph, what: str) -> tuple[Task, list[np.ndarray]]:
+        """The calibration batches, and the "calibrate" phase that counts them (batches and tokens)."""
+        batches = token_batches(vocab_size(graph), self.batches, self.batch_size, self.seq_len, self.seed)
+        task = current().phase("calibrate", total=len(batches), unit="batch",
+                               size_total=len(batches) * self.batch_size * self.seq_len, size_unit="token",
+                               detail=f"({what} from the float32 torch reference)")
+        return task, batches
+
     def __call__(self, graph: Graph, values: list[str]) -> dict[str, float]:
         import torch
 
         from l4compile.emit.torch_module import GraphModule
         probe = copy.deepcopy(graph)   # the same graph, returning the values to observe
         probe.set_outputs(list(values))
-        module = GraphModule(probe, self.weights).eval()
+        with current().phase("load reference"):   # every weight, into the float32 torch module
+            module = GraphModule(probe, self.weights).eval()
         absmax = dict.fromkeys(values, 0.0)
-        with torch.no_grad():
-            for ids in token_batches(vocab_size(graph), self.batches, self.batch_size, self.seq_len, self.seed):
+        task, batches = self._batches(graph, "activation ranges")
+        with task, torch.no_grad():
+            for ids in batches:
                 outs = module(*reference_inputs(graph, ids))
                 for name, out in zip(values, outs if isinstance(outs, tuple) else (outs,)):
                     absmax[name] = max(absmax[name], float(out.abs().max()))
+                task.advance(1, ids.size)
         return absmax
 
     def hessians(self, graph: Graph, weights: list[str]) -> dict[str, np.ndarray]:
@@ -90,15 +102,17 @@ class Calibration:
         values = list(dict.fromkeys(v for n in readers for v in n.inputs[:HESSIAN_READERS[n.op]]))
         probe = copy.deepcopy(graph)
         probe.set_outputs(values)
-        module = GraphModule(probe, self.weights).eval()
+        with current().phase("load reference"):
+            module = GraphModule(probe, self.weights).eval()
         params = dict(module.named_parameters())
         sums: dict[str, torch.Tensor] = {}
 
         def add(name: str, gram: torch.Tensor) -> None:
             sums[name] = sums[name] + gram if name in sums else gram
 
-        with torch.no_grad():
-            for ids in token_batches(vocab_size(graph), self.batches, self.batch_size, self.seq_len, self.seed):
+        task, batches = self._batches(graph, "GPTQ Hessians")
+        with task, torch.no_grad():
+            for ids in batches:
                 outs = module(*reference_inputs(graph, ids))
                 env = dict(zip(values, outs if isinstance(outs, tuple) else (outs,)))
                 for node in readers:
@@ -111,6 +125,7 @@ class Calibration:
                         grams = [_expert_grams(torch, x, scores[:, e], gate_up[e]) for e in range(scores.shape[1])]
                         add(node.inputs[2], torch.stack([g for g, _ in grams]))
                         add(node.inputs[3], torch.stack([g for _, g in grams]))
+                task.advance(1, ids.size)
         return {name: gram.numpy() for name, gram in sums.items() if name in wanted}
 
 

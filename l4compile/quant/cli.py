@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 
+from l4compile.progress import add_progress_args, current
+
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quantize", choices=["fp8", "int4"],
@@ -32,7 +34,10 @@ def cmd_quant_report(args: argparse.Namespace) -> int:
     from l4compile.quant.report import compare_builds, format_comparison
     report = compare_builds(args.build, args.reference, batches=args.batches, batch_size=args.batch_size,
                             seq_len=args.seq_len, threads=args.threads)
-    print(json.dumps(report, indent=2) if args.json else format_comparison(report), end="" if not args.json else "\n")
+    if args.json:
+        print(json.dumps({"command": "quant-report", **report, **current().report()}, indent=2))
+    else:
+        print(format_comparison(report), end="")
     return 0
 
 
@@ -44,5 +49,6 @@ def add_quant_report_command(sub, positive_int) -> None:
     p.add_argument("--batch-size", type=positive_int, default=2, help="prompts per batch (default 2)")
     p.add_argument("--seq-len", type=positive_int, default=64, help="tokens per prompt (default 64)")
     p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--json", action="store_true", help="machine-readable output (with phase times and warnings)")
+    add_progress_args(p)
     p.set_defaults(func=cmd_quant_report)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from l4compile.errors import BuildError
+from l4compile.progress import current
 from l4compile.quant.calibrate import token_batches
 
 REPORT_SEED = 0   # the fixed prompts (calibration draws its own, with another seed)
@@ -35,15 +36,16 @@ def compare_builds(build_dir: str | Path, reference_dir: str | Path, batches: in
                    seq_len: int = 64, threads: int | None = None) -> dict:
     """The report as plain data (what `quant-report --json` prints)."""
     from l4compile.runtime import Engine
+    progress = current()
     build_dir, reference_dir = Path(build_dir), Path(reference_dir)
-    engine, reference = Engine.load(build_dir, threads=threads), Engine.load(reference_dir, threads=threads)
+    with progress.phase("load builds"):
+        engine, reference = Engine.load(build_dir, threads=threads), Engine.load(reference_dir, threads=threads)
     if engine.manifest.spec_hash != reference.manifest.spec_hash:
         raise BuildError(f"{build_dir} ({engine.manifest.model_name}) and {reference_dir} "
                          f"({reference.manifest.model_name}) are builds of different specs")
     seq_len = min(seq_len, engine.max_context)
     prompts = token_batches(engine.vocab_size, batches, batch_size, seq_len, REPORT_SEED)
-    got = np.concatenate([engine.logits(ids) for ids in prompts])
-    want = np.concatenate([reference.logits(ids) for ids in prompts])
+    got, want = _logits(engine, prompts, "run build"), _logits(reference, prompts, "run reference")
     files, ref_files = _files(build_dir), _files(reference_dir)
     weights_file = engine.manifest.files["weights"]
     return {
@@ -54,6 +56,17 @@ def compare_builds(build_dir: str | Path, reference_dir: str | Path, batches: in
         "weight_bytes": files.get(weights_file, 0), "reference_weight_bytes": ref_files.get(weights_file, 0),
         "files": files, "reference_files": ref_files,
     }
+
+
+def _logits(engine, prompts: list[np.ndarray], phase: str) -> np.ndarray:
+    """A full forward of each prompt batch: one phase, counting batches and tokens."""
+    out = []
+    with current().phase(phase, total=len(prompts), unit="batch", size_total=sum(p.size for p in prompts),
+                         size_unit="token") as task:
+        for ids in prompts:
+            out.append(engine.logits(ids))
+            task.advance(1, ids.size)
+    return np.concatenate(out)
 
 
 def format_comparison(report: dict) -> str:

@@ -27,6 +27,7 @@ from l4compile.errors import BuildError
 from l4compile.inspect import format_bytes
 from l4compile.ir.graph import Graph
 from l4compile.ir.ops_collective import DIST_COLLECTIVE
+from l4compile.progress import Task, current
 from l4compile.runtime.manifest import MANIFEST_FILE, Manifest
 from l4compile.shard.plan import ShardPlan, local_kv_heads, plan
 from l4compile.shard.segments import bind_external_data, split_at_collectives
@@ -51,8 +52,12 @@ def check_options(options: BuildOptions) -> None:
 
 def rank_graphs(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] = print,
                 weights: WeightSource | None = None) -> list[Graph]:
-    return [compile_graph(spec, options, log if rank == 0 else (lambda *_: None), weights, rank)[0]
-            for rank in range(options.tp)]
+    """Each rank's compiled graph; each a progress phase (with its own lower and passes phases)."""
+    graphs = []
+    for rank in range(options.tp):
+        with current().phase(f"compile rank {rank}"):
+            graphs.append(compile_graph(spec, options, log if rank == 0 else (lambda *_: None), weights, rank)[0])
+    return graphs
 
 
 def shard_plan(spec: ModelSpec, options: BuildOptions, graphs: list[Graph], gpu_memory: int | None) -> ShardPlan:
@@ -83,9 +88,10 @@ def check_onnx(path: Path) -> None:
 
 
 def write_rank(graph: Graph, rank_dir: Path, weights: WeightSource | None, metadata: dict[str, str],
-               progress=None, segments: bool = True) -> tuple[int, int, list[list[tuple[str, str]]]]:
+               progress: Task | None = None, segments: bool = True) -> tuple[int, int, list[list[tuple[str, str]]]]:
     """Model, weights (none for a dry run: a sparse file of the real size) and segments of one rank.
-    Returns (weight bytes, largest tensor bytes, the reductions after each segment)."""
+    `progress` advances per tensor written. Returns (weight bytes, largest tensor bytes, the reductions
+    after each segment)."""
     rank_dir.mkdir(parents=True, exist_ok=True)
     artifact = emit_onnx(graph, rank_dir, weights, DATA_FILE, metadata, progress)
     if weights is None:
@@ -135,23 +141,26 @@ def dry_run_sharded(spec: ModelSpec, options: BuildOptions, gpu_memory: int | No
     with tempfile.TemporaryDirectory(prefix="l4compile-dry-run-") as tmp:
         for rank, graph in enumerate(graphs):
             folder = RANK_DIR.format(rank=rank)
-            size, big, _ = write_rank(graph, Path(tmp) / folder, None, _metadata(spec, options), segments=False)
-            if options.target == "trt":
-                from l4compile.trt.compat import check_file
-                check_file(Path(tmp) / folder / MODEL_FILE).raise_if_incompatible()
+            with current().phase(f"emit and check rank {rank}"):
+                size, big, _ = write_rank(graph, Path(tmp) / folder, None, _metadata(spec, options), segments=False)
+                if options.target == "trt":
+                    from l4compile.trt.compat import check_file
+                    check_file(Path(tmp) / folder / MODEL_FILE).raise_if_incompatible()
             files[f"{folder}/{MODEL_FILE}"] = (Path(tmp) / folder / MODEL_FILE).stat().st_size
             files[f"{folder}/{DATA_FILE}"] = size
             tensors += len(graph.params())
             largest = max(largest, big)
-    return BuildReport(None, files, tensors, largest, [], dry_run=True), the_plan
+    return BuildReport(None, files, tensors, largest, [], dry_run=True, quantization=options.quantization()), the_plan
 
 
 def build_sharded(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildOptions,
-                  gpu_memory: int | None, log: Callable[[str], None] = print, progress=None) -> BuildReport:
-    """Write a complete sharded build directory, or nothing (temp dir, then rename)."""
+                  gpu_memory: int | None, log: Callable[[str], None] = print) -> BuildReport:
+    """Write a complete sharded build directory, or nothing (temp dir, then rename). `log` gets the IR
+    --print-ir asks for; progress and warnings go to the progress reporter."""
     check_options(options)
     out_dir = Path(out_dir)
-    options = resolve_calibration(spec, options, log)
+    progress = current()
+    options = resolve_calibration(spec, options, progress.warn)
     if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file():
         raise BuildError(f"{out_dir} exists and is not an l4compile build directory; refusing to overwrite it")
     graphs = rank_graphs(spec, options, log, weights)
@@ -165,13 +174,15 @@ def build_sharded(spec: ModelSpec, out_dir: Path, weights: WeightSource, options
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
     tensors, largest = 0, 0
     try:
-        for rank, graph in enumerate(graphs):
-            _, big, reductions = write_rank(graph, tmp / RANK_DIR.format(rank=rank), weights,
-                                            _metadata(spec, options), progress)
-            tensors, largest = tensors + len(graph.params()), max(largest, big)
+        with progress.phase("write weights", total=sum(len(g.params()) for g in graphs), unit="tensor",
+                            size_total=needed, detail=f"({options.tp} ranks)") as task:
+            for rank, graph in enumerate(graphs):
+                _, big, reductions = write_rank(graph, tmp / RANK_DIR.format(rank=rank), weights,
+                                                _metadata(spec, options), task)
+                tensors, largest = tensors + len(graph.params()), max(largest, big)
         top, ranks = manifests(spec, graphs, options, weights.description, reductions)
         if options.target == "trt":
-            top, ranks = _finish_trt(tmp, out_dir, top, ranks, options, log)
+            top, ranks = _finish_trt(tmp, out_dir, top, ranks, options)
         for rank, manifest in enumerate(ranks):
             manifest.write(tmp / RANK_DIR.format(rank=rank))
         top.write(tmp)
@@ -183,12 +194,13 @@ def build_sharded(spec: ModelSpec, out_dir: Path, weights: WeightSource, options
         weights.close()
     files = {str(p.relative_to(out_dir)): p.stat().st_size for p in sorted(out_dir.rglob("*")) if p.is_file()
              and (p.parent == out_dir or p.name in (MODEL_FILE, DATA_FILE))}
-    return BuildReport(out_dir, files, tensors, largest, [])
+    return BuildReport(out_dir, files, tensors, largest, [], quantization=options.quantization())
 
 
-def _finish_trt(tmp: Path, out_dir: Path, top: Manifest, ranks: list[Manifest], options: BuildOptions,
-                log: Callable[[str], None]) -> tuple[Manifest, list[Manifest]]:
-    """Each rank: compat report, then its engine (multi-device) or, without TensorRT, one line for all ranks."""
+def _finish_trt(tmp: Path, out_dir: Path, top: Manifest, ranks: list[Manifest],
+                options: BuildOptions) -> tuple[Manifest, list[Manifest]]:
+    """Each rank: compat report, then its engine (multi-device) or, without TensorRT, one warning for all ranks."""
+    log = current().warn
     from l4compile.trt.profiles import EngineOptions
     from l4compile.trt.target import finish_build
     done = []

@@ -8,14 +8,11 @@ timing cache) -> build_serialized_network -> engine file written atomically.
 from __future__ import annotations
 
 import os
-import sys
-import threading
-import time
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 from l4compile.errors import BuildError
+from l4compile.progress import Progress, Task, current
 from l4compile.trt.profiles import Profile
 
 INSTALL_HINT = "pip install -e '.[trt]' on a host with an NVIDIA GPU"
@@ -104,10 +101,14 @@ def add_profile(builder: Any, network: Any, config: Any, profile: Profile) -> No
 
 
 def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], flags: tuple[str, ...],
-                 timing_cache: Path | None, log: Callable[[str], None] = print,
+                 timing_cache: Path | None, log: Callable[[str], None] | None = None,
                  cleared: tuple[str, ...] = ()) -> str:
     """Build and write the engine with these BuilderFlag names set (and `cleared` ones unset);
-    returns the TensorRT version that built it."""
+    returns the TensorRT version that built it. The build is the "engine" phase of the progress
+    reporter, TensorRT's own phases nested in it; `log` (default: the reporter's notes) says what
+    is being built."""
+    progress = current()
+    log = log or progress.note
     trt = import_tensorrt()
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
@@ -133,7 +134,9 @@ def build_engine(onnx_path: Path, engine_path: Path, profiles: list[Profile], fl
     config.set_timing_cache(config.create_timing_cache(cache_bytes), False)
     log(f"building TensorRT {trt.__version__} engine (flags {', '.join(flags) or 'none'}, {len(profiles)} profiles"
         f"{', timing cache ' + str(timing_cache) if timing_cache else ''})")
-    with _progress(trt, config):
+    with progress.phase("engine"):
+        if hasattr(trt, "IProgressMonitor"):
+            config.progress_monitor = _phase_monitor(trt, progress)
         serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise BuildError("TensorRT could not build the engine (its log above says why)")
@@ -150,52 +153,25 @@ def has_collectives(onnx_path: Path) -> bool:
     return any(node.op_type == "DistCollective" for node in model.graph.node)
 
 
-@contextmanager
-def _progress(trt: Any, config: Any) -> Iterator[None]:
-    """Phase progress through IProgressMonitor when this TensorRT has it, else an elapsed-time line."""
-    if hasattr(trt, "IProgressMonitor"):
-        config.progress_monitor = _phase_monitor(trt)
-        yield
-        print(file=sys.stderr)
-        return
-    done = threading.Event()
-
-    def spin() -> None:
-        start = time.monotonic()
-        while not done.wait(1.0):
-            print(f"\r  building engine ... {time.monotonic() - start:.0f} s", end="", file=sys.stderr, flush=True)
-    thread = threading.Thread(target=spin, daemon=True)
-    thread.start()
-    try:
-        yield
-    finally:
-        done.set()
-        thread.join()
-        print(file=sys.stderr)
-
-
-def _phase_monitor(trt: Any) -> Any:
+def _phase_monitor(trt: Any, progress: Progress) -> Any:
     class PhaseMonitor(trt.IProgressMonitor):
-        """One status line: the innermost running phase and its step count."""
+        """TensorRT's phases as nested progress phases (their end lines with -v only)."""
 
         def __init__(self) -> None:
             trt.IProgressMonitor.__init__(self)
-            self.phases: dict[str, list[int]] = {}
+            self.phases: dict[str, Task] = {}
 
         def phase_start(self, phase_name, parent_phase, num_steps):
-            self.phases[phase_name] = [0, num_steps]
-            self._show(phase_name)
+            self.phases[phase_name] = progress.phase(phase_name, total=num_steps, unit="step", summary=False)
 
         def step_complete(self, phase_name, step):
-            if phase_name in self.phases:
-                self.phases[phase_name][0] = step
-                self._show(phase_name)
+            task = self.phases.get(phase_name)
+            if task is not None:
+                task.advance(max(step - task.count, 0))
             return True   # False would cancel the build
 
         def phase_finish(self, phase_name):
-            self.phases.pop(phase_name, None)
-
-        def _show(self, phase: str) -> None:
-            step, total = self.phases[phase]
-            print(f"\r\x1b[2K  {phase} {step}/{total}", end="", file=sys.stderr, flush=True)
+            task = self.phases.pop(phase_name, None)
+            if task is not None:
+                task.finish()
     return PhaseMonitor()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Callable
 
@@ -31,9 +32,13 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
+    from l4compile.progress import current
     from l4compile.trt.target import engine_command
     manifest = engine_command(Path(args.build), engine_options(args))
     trt = manifest.trt or {}
+    if args.json:
+        print(json.dumps({"command": "engine", "build": str(args.build), "trt": trt, **current().report()}, indent=2))
+        return 0
     print(f"built TensorRT engine {Path(args.build) / trt['engine']} ({trt['precision']}, max batch "
           f"{trt['max_batch']}, max seq {trt['max_seq']}); `l4compile run {args.build}` now uses TensorRT")
     return 0
@@ -43,4 +48,8 @@ def add_engine_command(sub: argparse._SubParsersAction, positive_int: Callable[[
     p = sub.add_parser("engine", help="build the TensorRT engine of a --target trt build (on a GPU host)")
     p.add_argument("build", help="build directory written by `l4compile build --target trt`")
     add_engine_args(p, positive_int)
+    p.add_argument("--json", action="store_true", help="print the engine's description (precision, profiles, "
+                   "limits), phase times and warnings as JSON on stdout")
+    from l4compile.progress import add_progress_args
+    add_progress_args(p)
     p.set_defaults(func=cmd_engine)

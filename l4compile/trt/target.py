@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Callable
 
 from l4compile.errors import BuildError
+from l4compile.progress import current
 from l4compile.runtime.manifest import MANIFEST_FILE, Manifest
 from l4compile.trt import builder
 from l4compile.trt.compat import REPORT_JSON, CompatReport, check_file
@@ -16,15 +17,18 @@ from l4compile.trt.profiles import (ENGINE_FILE, TIMING_CACHE_FILE, EngineLimits
 
 def checked(directory: Path, manifest: Manifest) -> CompatReport:
     """Check the build's ONNX against TensorRT's parser table, write compat.json/.txt, fail on any problem."""
-    report = check_file(Path(directory) / manifest.files["model"])
+    with current().phase("compat check"):
+        report = check_file(Path(directory) / manifest.files["model"])
     report.write(directory)
     report.raise_if_incompatible()
     return report
 
 
 def finish_build(directory: Path, final_dir: Path, manifest: Manifest, options: EngineOptions,
-                 log: Callable[[str], None] = print) -> Manifest:
-    """The TensorRT part of a build, run in its temporary directory before the rename to `final_dir`."""
+                 log: Callable[[str], None] | None = None) -> Manifest:
+    """The TensorRT part of a build, run in its temporary directory before the rename to `final_dir`.
+    Without an engine, one line says why (`log`, default: a warning of the progress reporter)."""
+    log = log or current().warn
     report = checked(directory, manifest)
     limits = resolve_limits(manifest, options, tuple(sorted(report.quantized_dq_inputs)))
     reason = builder.unavailable_reason()
@@ -35,7 +39,7 @@ def finish_build(directory: Path, final_dir: Path, manifest: Manifest, options: 
     return _build(directory, manifest, limits, options.timing_cache, log)
 
 
-def engine_command(directory: Path, options: EngineOptions, log: Callable[[str], None] = print) -> Manifest:
+def engine_command(directory: Path, options: EngineOptions, log: Callable[[str], None] | None = None) -> Manifest:
     """`l4compile engine DIR`: build the engine of a TensorRT-target build in place, atomically."""
     directory = Path(directory)
     manifest = Manifest.read(directory)
@@ -59,7 +63,7 @@ def engine_command(directory: Path, options: EngineOptions, log: Callable[[str],
 
 
 def _build(directory: Path, manifest: Manifest, limits: EngineLimits, timing_cache: Path | None,
-           log: Callable[[str], None]) -> Manifest:
+           log: Callable[[str], None] | None) -> Manifest:
     built = profiles(manifest, limits)
     version = builder.build_engine(directory / manifest.files["model"], directory / ENGINE_FILE, built,
                                    limits.flags, timing_cache or directory / TIMING_CACHE_FILE, log,

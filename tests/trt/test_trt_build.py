@@ -26,9 +26,9 @@ def test_build_without_tensorrt_writes_onnx_report_and_one_line(no_tensorrt, tmp
     out = tmp_path / "tm-trt"
     assert main(["build", str(spec_path("tiny-maverick")), "--target", "trt", "--weights", "random",
                  "--max-batch", "2", "--max-seq", "64", "-o", str(out)]) == 0
-    stdout = capsys.readouterr().out
-    why = [line for line in stdout.splitlines() if "TensorRT engine" in line]
-    assert why == [f"no TensorRT engine: {NO_TRT}; the TensorRT-ready ONNX and compat.json are written; build the "
+    stderr = capsys.readouterr().err   # a warning of the progress reporter
+    why = [line for line in stderr.splitlines() if "TensorRT engine" in line]
+    assert why == [f"warning: no TensorRT engine: {NO_TRT}; the TensorRT-ready ONNX and compat.json are written; build the "
                    f"engine later on a GPU host with TensorRT: l4compile engine {out}"]
     assert {"model.onnx", "model.onnx.data", "compat.json", "compat.txt", "manifest.json"} == \
         {p.name for p in out.iterdir()}

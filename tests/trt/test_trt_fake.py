@@ -96,7 +96,7 @@ def test_build_target_trt_builds_the_engine_when_tensorrt_is_there(fake_trt, tmp
     out = tmp_path / "tm"
     assert main(["build", str(spec_path("tiny-maverick")), "--target", "trt", "--weights", "random",
                  "--precision", "fp32", "-o", str(out)]) == 0
-    assert "no TensorRT engine" not in capsys.readouterr().out
+    assert "no TensorRT engine" not in capsys.readouterr().err
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["backend"] == "tensorrt" and manifest["trt"]["precision"] == "fp32"
     assert {"model.plan", "timing.cache", "compat.json"} <= {p.name for p in out.iterdir()}

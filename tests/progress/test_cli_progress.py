@@ -1,0 +1,154 @@
+"""Progress as a user sees it: the CLI with stderr a pipe and a terminal, --quiet, --json, `run`'s summary."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
+import termios
+
+import pytest
+
+from l4compile.cli import main
+from tests.conftest import load, spec_path
+
+BUILD_PHASES = ["load spec", "open weights", "lower", "passes", "write weights", "check"]
+
+
+def cli(*args, interval: float = 0.0, stderr=subprocess.PIPE) -> subprocess.CompletedProcess:
+    env = {**os.environ, "L4COMPILE_PROGRESS_INTERVAL": str(interval)}
+    return subprocess.run([sys.executable, "-m", "l4compile.cli", *map(str, args)], stdout=subprocess.PIPE,
+                          stderr=stderr, text=True, env=env)
+
+
+def seconds(text: str) -> float:
+    """Back from l4compile.progress.format_seconds: '0.12 s', '42 s', '3 min 05 s', '1 h 02 min'."""
+    numbers = [float(n) for n in re.findall(r"[\d.]+", text)]
+    scale = [3600, 60] if "h" in text.split() else [60, 1] if "min" in text else [1]
+    return sum(n * s for n, s in zip(numbers, scale))
+
+
+@pytest.fixture(scope="module")
+def sharded_checkpoint(tmp_path_factory):
+    """tiny-scout's random weights as a Hugging Face checkpoint of several safetensors shards."""
+    from l4compile.hf.export import export_state_dict
+    from l4compile.lower import lower
+    from l4compile.weights import RandomWeights
+    spec, weights = load("tiny-scout"), RandomWeights(0)
+    state = {p.name: weights.get(p) for p in lower(spec, "float32", kv_cache=False).params()}
+    out = tmp_path_factory.mktemp("hf") / "sharded"
+    export_state_dict(state, spec, out, "float32", max_shard_bytes=100_000)
+    assert len(list(out.glob("*.safetensors"))) >= 5
+    return out
+
+
+def test_build_from_shards_piped_reports_bytes_and_time_left_and_json_alone_on_stdout(sharded_checkpoint, tmp_path):
+    r = cli("build", spec_path("tiny-scout"), "--weights", sharded_checkpoint, "-o", tmp_path / "b", "--json")
+    assert r.returncode == 0, r.stderr
+    report = json.loads(r.stdout)          # stdout is the report and nothing else
+    assert report["command"] == "build" and report["output"] == str(tmp_path / "b") and report["warnings"] == []
+    assert report["files"]["model.onnx.data"] == (tmp_path / "b" / "model.onnx.data").stat().st_size
+    assert report["pipeline"] == "onnx-cpu" and [p["name"] for p in report["passes"]][:2] == ["constant-fold",
+                                                                                              "moe-dispatch"]
+    phases = {p["name"]: p for p in report["phases"]}
+    assert list(phases) == BUILD_PHASES
+    written = phases["write weights"]
+    assert written["count"] == report["tensors"] and written["size_unit"] == "B"
+    assert 0 < written["size"] <= report["files"]["model.onnx.data"]
+
+    err = r.stderr.splitlines()
+    for name in BUILD_PHASES:                 # each phase's end line, with its time
+        assert any(re.match(rf"{name} +[\d.]+ (ms|s)", line) for line in err), (name, r.stderr)
+    assert err[-1].startswith("build finished in ")
+    status = [re.match(r"write weights: (\d+)/(\d+) tensors, (.+) of (.+?), .*, (.+) elapsed, about (.+) left", line)
+              for line in err if line.startswith("write weights: ")]
+    assert status and all(status), r.stderr
+    total = written["seconds"]
+    late = [m for m in status if 2 * int(m[1]) >= int(m[2])]     # once half the tensors are written
+    assert late
+    for m in late:                            # elapsed + time left is the phase's actual time, roughly
+        assert int(m[1]) < int(m[2]) and m[3] != m[4]
+        assert abs(seconds(m[5]) + seconds(m[6]) - total) <= max(1.0, total), (m[0], total)
+
+
+def test_build_on_a_terminal_shows_a_bar_then_phase_lines(tmp_path):
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "L4COMPILE_PROGRESS_INTERVAL": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "l4compile.cli", "build", str(spec_path("tiny-scout")),
+                             "--weights", "random", "-o", str(tmp_path / "b")],
+                            stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:      # EIO: the terminal's last writer has gone
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    stdout = proc.stdout.read().decode()
+    assert proc.wait() == 0
+    terminal = b"".join(chunks).decode()
+    assert "write weights:" in terminal and "%|" in terminal and "B/s" in terminal   # tqdm's bar, rate
+    lines = [line.split("\r")[-1] for line in terminal.splitlines()]
+    for name in BUILD_PHASES:
+        assert any(re.match(rf"{name} +[\d.]+ (ms|s)", line) for line in lines), (name, terminal)
+    assert any(line.startswith("build finished in ") for line in lines)
+    assert stdout.startswith("built tiny-scout -> ")        # the summary, on stdout as before
+
+
+def test_quiet_prints_nothing_but_errors(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    assert main(["build", str(spec_path("tiny-scout")), "--weights", "random", "-o", str(tmp_path / "b"), "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and out.startswith("built tiny-scout -> ")
+    assert main(["build", str(spec_path("tiny-scout")), "--dry-run", "--pipeline", "onnx-cup", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("l4compile: error: unknown pipeline 'onnx-cup'")
+
+
+def test_full_size_dry_run_json(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    assert main(["build", str(spec_path("maverick")), "--dry-run", "--dtype", "bfloat16", "--json",
+                 "-o", str(tmp_path / "m")]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["dry_run"] and report["output"] is None and report["total_bytes"] > 7e11
+    assert report["disk"]["fits"] is (report["total_bytes"] <= report["disk"]["free_bytes"])
+    assert [p["name"] for p in report["phases"]] == ["load spec", "lower", "passes", "emit", "check"]
+    assert "emit " in err and err.splitlines()[-1].startswith("build finished in ")
+
+
+def test_run_prints_ids_on_stdout_and_tokens_per_second_on_stderr(built_tiny, capsys, monkeypatch):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    assert main(["run", str(built_tiny("tiny-scout")), "--prompt-ids", "1,2,3", "--max-new-tokens", "6",
+                 "--stop-ids", "255"]) == 0
+    out, err = capsys.readouterr()
+    assert re.fullmatch(r"1,2,3(,\d+){6}\n", out)
+    (line,) = [line for line in err.splitlines() if line.startswith("generate  ")]
+    assert "6 tokens" in line and "tokens/s" in line and "first token after" in line and "3-token prompt" in line
+
+
+def test_export_and_quant_report_json(built_tiny, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    build = str(built_tiny("tiny-scout"))
+    assert main(["export-hf", build, "-o", str(tmp_path / "hf"), "--max-shard-size", "300KB", "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["command"] == "export-hf" and len([f for f in report["files"] if f.endswith(".safetensors")]) > 1
+    (write,) = [p for p in report["phases"] if p["name"] == "write shards"]
+    assert write["count"] == report["tensors"] and write["size"] > 0
+    assert "write shards" in err and "export-hf finished in" in err
+    assert main(["quant-report", build, "--reference", build, "--batches", "1", "--json", "-q"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert err == "" and report["top1_agreement"] == 1.0
+    assert [p["name"] for p in report["phases"]] == ["load builds", "run build", "run reference"]
