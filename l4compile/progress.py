@@ -310,7 +310,13 @@ class Progress:
             unit, total = " " + _plural(record.unit), task.total
         else:
             unit, total = "", None
-        bar_format = None if record.unit or record.size_unit else "{desc} ... {elapsed}"
+        if not (record.unit or record.size_unit):
+            bar_format = "{desc} ... {elapsed}"
+        elif total:       # tqdm's own format, with the rate always as units per second
+            bar_format = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}, " \
+                         "{rate_noinv_fmt}{postfix}]"
+        else:
+            bar_format = "{desc}: {n_fmt}{unit} [{elapsed}, {rate_noinv_fmt}{postfix}]"
         return tqdm(total=total, desc=f"{'  ' * task.depth}{record.name}", unit=unit, unit_scale=bool(task.size_total),
                     leave=False, file=self.stream, mininterval=self.interval, delay=self.interval,
                     dynamic_ncols=True, bar_format=bar_format)
