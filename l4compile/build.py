@@ -57,6 +57,7 @@ class BuildOptions:
                                          # nearest), "auto": gptq where calibration fits in memory
     engine: Any = None                   # target trt: l4compile.trt.profiles.EngineOptions (None: defaults)
     tp: int = 1                          # tensor/expert-parallel ranks (l4compile.passes.shard); 1: unsharded
+    tokenizer: str | None = None         # a directory with a Hugging Face tokenizer to copy into the build
 
     def quantization(self) -> dict | None:
         """What --quantize did, for the manifest and the model's metadata."""
@@ -221,6 +222,10 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
         raise BuildError(f"unknown target {options.target!r}; choose one of {', '.join(TARGETS)}")
     if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file():
         raise BuildError(f"{out_dir} exists and is not an l4compile build directory; refusing to overwrite it")
+    tokenizer_files = None
+    if options.tokenizer:
+        from l4compile.tokenizer_files import prepare_tokenizer
+        tokenizer_files = prepare_tokenizer(options.tokenizer, spec.vocab_size)
     graph, results = compile_graph(spec, options, log, weights)
     parent = out_dir.resolve().parent
     parent.mkdir(parents=True, exist_ok=True)
@@ -239,6 +244,10 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
             onnx.save_model(artifact.model, tmp / MODEL_FILE)
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
         manifest = _manifest(spec, graph, options, weights.description)
+        if tokenizer_files:
+            from l4compile.tokenizer_files import copy_tokenizer
+            files, text = copy_tokenizer(tokenizer_files, tmp)
+            manifest = dataclasses.replace(manifest, files={**manifest.files, **files}, text=text)
         if options.target == "trt":  # compat report, then an engine or one line saying why not
             from l4compile.trt.profiles import EngineOptions
             from l4compile.trt.target import finish_build

@@ -66,6 +66,8 @@ def cmd_build(args: argparse.Namespace) -> int:
     options = BuildOptions(target=args.target, dtype=args.dtype, pipeline=args.pipeline, print_ir=args.print_ir,
                            disable_passes=tuple(args.disable_pass), print_ir_after=args.print_ir_after,
                            verify=args.verify, verbose=args.verbose)
+    from l4compile.tokenizer_files import tokenizer_source
+    options.tokenizer = tokenizer_source(args.tokenizer, args.weights)
     from l4compile.trt.cli import engine_options
     options.engine = engine_options(args)
     from l4compile.quant.cli import apply_quantize_args
@@ -218,6 +220,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", help="build directory (default build/<spec name>)")
     p.add_argument("--weights", help="'random' or a Hugging Face checkpoint directory")
     p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    p.add_argument("--tokenizer", metavar="DIR", help="copy this Hugging Face tokenizer (tokenizer.json, its config, "
+                   "chat template, generation_config.json) into the build; default: the --weights checkpoint's")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                    help="weight and compute dtype (default float32)")
     p.add_argument("--pipeline", help="pass pipeline: a name (see `l4compile passes`; default: the target's) or a "

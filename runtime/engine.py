@@ -1,7 +1,8 @@
 """Engine: a loaded build, run with onnxruntime on the CPU by default, or TensorRT where its manifest says so.
 
 `logits` runs a full forward; `generate` and `stream` prefill once, then decode
-token by token against a preallocated KV cache. One step of the model is the
+token by token against a preallocated KV cache; `complete`, `chat`, `chat_stream` and
+`generate_text` (runtime/text_api.py) take and return text. One step of the model is the
 backend's (runtime/ort_backend.py, runtime/trt_backend.py); the cache, sampling
 and generation are the Engine's, the same for every backend.
 """
@@ -17,10 +18,15 @@ from l4compile.runtime.errors import BuildDirError, RuntimeInputError
 from l4compile.runtime.kv_cache import KVCache
 from l4compile.runtime.manifest import Manifest
 from l4compile.runtime.sampling import Sampling
+from l4compile.runtime.text_api import TextGeneration
 
 
-class Engine:
-    """A compiled model ready to run. `Engine.load(build_dir)` reads the manifest and picks the backend."""
+class Engine(TextGeneration):
+    """A compiled model ready to run. `Engine.load(build_dir)` reads the manifest and picks the backend.
+
+    Token ids in and out here; text in and out (`complete`, `chat`, `chat_stream`, `generate_text`) in
+    runtime/text_api.py, over the tokenizer and chat template the build carries.
+    """
 
     def __init__(self, directory: Path, manifest: Manifest, backend) -> None:
         self.directory = directory

@@ -57,6 +57,9 @@ class Manifest:
     # a sharded build (build --tp N): ranks, segment files and the reductions between them
     # (l4compile.shard.build); None for a single-rank build
     sharding: dict[str, Any] | None = None
+    # Text settings from the checkpoint's generation_config.json (l4compile.tokenizer_files): stop_tokens,
+    # sampling defaults, max_new_tokens; the tokenizer files themselves are in `files`. None: ids only.
+    text: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}, indent=2)

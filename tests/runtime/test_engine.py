@@ -10,6 +10,7 @@ import pytest
 
 from l4compile.runtime import Engine, RuntimeInputError
 from l4compile.runtime.errors import BuildDirError
+from tests.text.conftest import text_build, text_checkpoint, tokenizer_dir  # noqa: F401  (fixtures)
 
 
 @pytest.mark.parametrize("ids, message", [
@@ -38,7 +39,24 @@ def test_loading_a_non_build_directory(tmp_path):
 def test_runtime_imports_without_compiler_torch_or_networkx(built_tiny):
     code = ("import sys; from l4compile.runtime import Engine; import numpy as np; "
             f"Engine.load({str(built_tiny('tiny-scout'))!r}).logits(np.array([[1, 2]])); "
-            "bad = [m for m in ('torch', 'networkx', 'onnx', 'yaml', 'l4compile.ir', 'l4compile.spec') if m in sys.modules]; "
+            "bad = [m for m in ('torch', 'networkx', 'onnx', 'yaml', 'l4compile.ir', 'l4compile.spec', "
+            "'tokenizers', 'jinja2') if m in sys.modules]; "
             "print(bad)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.strip() == "[]"
+    assert out.strip() == "[]"   # an ids-only app does not pay for the text libraries either
+
+
+# what the runtime may import to speak text: numpy, onnxruntime, tokenizers, jinja2 (and their own imports)
+TEXT_RUNTIME_MODULES = {"numpy", "onnxruntime", "tokenizers", "jinja2", "markupsafe", "l4compile"}
+
+
+@pytest.mark.slow
+def test_text_runtime_imports_only_numpy_onnxruntime_tokenizers_and_jinja2(text_build):
+    build = text_build
+    code = ("import sys; before = {m.split('.')[0] for m in sys.modules}; from l4compile.runtime import Engine; "
+            f"e = Engine.load({str(build)!r}); e.complete('Hi', 2); e.chat([{{'role': 'user', 'content': 'x'}}], 2); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} - before - set(sys.stdlib_module_names)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    imported = {m for m in eval(out) if not m.startswith("_") and m != "cython_runtime"}   # C-extension internals
+    assert imported <= TEXT_RUNTIME_MODULES, imported - TEXT_RUNTIME_MODULES
+    assert {"tokenizers", "jinja2"} <= imported

@@ -1,0 +1,185 @@
+"""The Engine's text methods: prompts and chats in, text out, over the build's tokenizer and chat template.
+
+A mixin of `Engine` (runtime/engine.py): everything here goes through the token-id API
+(`stream`, `generate`), so every backend speaks text. The tokenizer and template are loaded on
+first use: an app that only passes ids never imports `tokenizers` or `jinja2`.
+
+Defaults come from the build (the checkpoint's generation_config.json): stop tokens, sampling
+(greedy unless it says `do_sample`), `max_new_tokens`; an argument overrides each.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+
+from l4compile.runtime.errors import BuildDirError, RuntimeInputError
+
+DEFAULT_MAX_NEW_TOKENS = 256
+TEXT_FILES_HINT = ("rebuild with `--tokenizer DIR` (a directory holding the checkpoint's tokenizer.json, "
+                   "tokenizer_config.json and generation_config.json)")
+
+
+class TextGeneration:
+    """Text methods of an Engine; needs `manifest`, `directory`, `max_context`, `stream` and `generate`."""
+
+    _tokenizer = None
+    _chat_template = None
+
+    # ---- the build's text files --------------------------------------------
+    @property
+    def text_settings(self) -> dict[str, Any]:
+        return self.manifest.text or {}
+
+    @property
+    def has_tokenizer(self) -> bool:
+        return "tokenizer" in self.manifest.files
+
+    @property
+    def tokenizer(self):
+        """The build's tokenizer (runtime/text.py), loaded once."""
+        if self._tokenizer is None:
+            from l4compile.runtime.text import Tokenizer
+            files = self.manifest.files
+            if "tokenizer" not in files:
+                raise BuildDirError(f"{self.directory}: this build has no tokenizer, so it takes token ids only; "
+                                    + TEXT_FILES_HINT)
+            path = lambda role: self.directory / files[role] if role in files else None  # noqa: E731
+            if not path("tokenizer").is_file():
+                raise BuildDirError(f"{self.directory}: tokenizer file {files['tokenizer']} is missing")
+            self._tokenizer = Tokenizer.load(path("tokenizer"), path("tokenizer_config"), path("special_tokens_map"))
+        return self._tokenizer
+
+    @property
+    def chat_template(self):
+        """The build's chat template (runtime/chat.py), compiled once."""
+        if self._chat_template is None:
+            from l4compile.runtime.chat import ChatTemplate
+            from l4compile.runtime.text import read_json
+            tokenizer = self.tokenizer
+            source = None
+            if "chat_template" in self.manifest.files:
+                path = self.directory / self.manifest.files["chat_template"]
+                source = read_json(path).get("chat_template") if path.suffix == ".json" else path.read_text("utf-8")
+            source = source or tokenizer.config.get("chat_template")
+            if isinstance(source, list):   # named templates, as tokenizer_config.json may hold them
+                source = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}.get("default")
+            if not isinstance(source, str) or not source:
+                raise BuildDirError(f"{self.directory}: the build's tokenizer has no chat template; use complete() "
+                                    "for plain text, or rebuild with `--tokenizer DIR` from an instruct checkpoint")
+            self._chat_template = ChatTemplate(source, tokenizer.special_tokens)
+        return self._chat_template
+
+    # ---- prompts -> ids ------------------------------------------------------
+    def encode_prompt(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
+        """Text -> ids [seq], as transformers' `tokenizer(text)` (BOS where the tokenizer adds it)."""
+        return self._checked(self.tokenizer.encode(text, add_special_tokens), "prompt")
+
+    def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **variables: Any) -> np.ndarray:
+        """A conversation -> ids [seq], as transformers' `apply_chat_template(messages, add_generation_prompt=...)`."""
+        text = self.render_chat(messages, add_generation_prompt, **variables)
+        return self._checked(self.tokenizer.encode(text, add_special_tokens=False), "chat")
+
+    def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
+        return self.chat_template.render(messages, add_generation_prompt, **variables)
+
+    def _checked(self, ids: list[int], what: str) -> np.ndarray:
+        if not ids:
+            raise RuntimeInputError(f"the {what} is empty after tokenization")
+        if len(ids) >= self.max_context:
+            raise RuntimeInputError(f"the {what} is {len(ids)} tokens; the model's context is {self.max_context} "
+                                    "(prompt and new tokens together)")
+        return np.asarray(ids, dtype=np.int64)
+
+    # ---- generation settings ---------------------------------------------------
+    def _settings(self, prompt_length: int, max_new_tokens: int | None, temperature: float | None,
+                  top_k: int | None, top_p: float | None, stop_tokens: Sequence[int] | None) -> dict[str, Any]:
+        defaults = self.text_settings.get("sampling") or {}
+        if max_new_tokens is None:
+            wanted = self.text_settings.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
+            max_new_tokens = max(0, min(wanted, self.max_context - prompt_length))
+        if stop_tokens is None:
+            stop_tokens = self.text_settings.get("stop_tokens")
+            if stop_tokens is None:
+                stop_tokens = self.manifest.tokens.get("eos") or ()
+        return {"max_new_tokens": max_new_tokens, "stop_tokens": tuple(int(t) for t in stop_tokens),
+                "temperature": defaults.get("temperature", 0.0) if temperature is None else temperature,
+                "top_k": defaults.get("top_k", 0) if top_k is None else top_k,
+                "top_p": defaults.get("top_p", 1.0) if top_p is None else top_p}
+
+    def _token_stream(self, ids: np.ndarray, seed: int | None, settings: dict[str, Any]) -> Iterator[int]:
+        """New tokens of one prompt, without the stop token that ends them."""
+        stops = set(settings["stop_tokens"])
+        for token in self.stream(ids, seed=seed, **settings):
+            if token in stops:
+                return
+            yield token
+
+    def _text_stream(self, ids: np.ndarray, seed: int | None, settings: dict[str, Any]) -> Iterator[str]:
+        tokens = self._token_stream(ids, seed, settings)
+        decoder = self.tokenizer.stream_decoder()
+        for token in tokens:
+            piece = decoder.step(token)
+            if piece:
+                yield piece
+        tail = decoder.finish()
+        if tail:
+            yield tail
+
+    # ---- the text API ----------------------------------------------------------
+    def complete_stream(self, prompt: str, max_new_tokens: int | None = None, *, temperature: float | None = None,
+                        top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                        stop_tokens: Sequence[int] | None = None) -> Iterator[str]:
+        """Continue `prompt`; yields text pieces as they become final (they concatenate to `complete`'s text)."""
+        ids = self.encode_prompt(prompt)
+        return self._text_stream(ids, seed, self._settings(len(ids), max_new_tokens, temperature, top_k, top_p,
+                                                            stop_tokens))
+
+    def complete(self, prompt: str, max_new_tokens: int | None = None, **options: Any) -> str:
+        """Continue `prompt`: the generated text (special tokens and the stop token left out)."""
+        return "".join(self.complete_stream(prompt, max_new_tokens, **options))
+
+    def chat_stream(self, messages: Sequence[dict], max_new_tokens: int | None = None, *,
+                    temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                    seed: int | None = None, stop_tokens: Sequence[int] | None = None,
+                    template_variables: dict[str, Any] | None = None) -> Iterator[str]:
+        """The assistant's answer to `messages` ([{"role": ..., "content": ...}, ...]), as streamed text pieces."""
+        ids = self.encode_chat(messages, True, **(template_variables or {}))
+        return self._text_stream(ids, seed, self._settings(len(ids), max_new_tokens, temperature, top_k, top_p,
+                                                            stop_tokens))
+
+    def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, **options: Any) -> str:
+        """The assistant's answer to `messages`, rendered with the build's chat template."""
+        return "".join(self.chat_stream(messages, max_new_tokens, **options))
+
+    def generate_text(self, prompts: Sequence[str] | Sequence[Sequence[dict]], max_new_tokens: int | None = None, *,
+                      temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
+                      seed: int | None = None, stop_tokens: Sequence[int] | None = None) -> list[str]:
+        """A batch: each prompt is a string (completed) or a list of messages (answered); returns their texts.
+
+        Each row's text equals that prompt generated alone (greedy; sampled rows draw from one generator).
+        """
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
+            raise RuntimeInputError("generate_text takes a non-empty list of prompts (strings or message lists)")
+        rows = [self.encode_prompt(p) if isinstance(p, str) else self.encode_chat(p) for p in prompts]
+        settings = self._settings(max(len(r) for r in rows), max_new_tokens, temperature, top_k, top_p, stop_tokens)
+        stops = set(settings["stop_tokens"])
+        texts = []
+        for ids in self._generate_rows(rows, seed, settings):
+            new = []
+            for token in ids.tolist():
+                if token in stops:
+                    break
+                new.append(token)
+            texts.append(self.tokenizer.decode(new))
+        return texts
+
+    def _generate_rows(self, rows: list[np.ndarray], seed: int | None, settings: dict[str, Any]) -> list[np.ndarray]:
+        """The new tokens of each prompt (rows of different lengths run one by one)."""
+        rng_seed = seed
+        out = []
+        for ids in rows:
+            generated = self.generate(ids[None], seed=rng_seed, **settings)[0, len(ids):]
+            out.append(generated)
+        return out

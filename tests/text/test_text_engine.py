@@ -1,0 +1,120 @@
+"""The Engine's text API on a build of a random tiny checkpoint saved with a Llama 4-style tokenizer:
+greedy text equal to transformers' generate + decode, streaming, generation-config defaults, errors."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from l4compile.runtime import Engine, RuntimeInputError
+from l4compile.runtime.errors import BuildDirError
+from tests.text.conftest import token_ids
+
+pytestmark = pytest.mark.slow
+
+CHAT = [{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Hi there"},
+        {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "Capital of France? 🇫🇷 東京?"}]
+GREEDY = dict(temperature=0.0)
+
+
+def hf_generate(model, tokenizer, inputs, new_tokens: int) -> str:
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+    return tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.fixture(scope="module")
+def engine(text_build):
+    return Engine.load(text_build)
+
+
+def test_build_carries_the_tokenizer_and_generation_config(text_build, tokenizer_dir):
+    manifest = json.loads((text_build / "manifest.json").read_text())
+    for role, name in [("tokenizer", "tokenizer.json"), ("tokenizer_config", "tokenizer_config.json"),
+                       ("chat_template", "chat_template.jinja"), ("generation_config", "generation_config.json"),
+                       ("special_tokens_map", "special_tokens_map.json")]:
+        assert manifest["files"][role] == name
+        assert (text_build / name).read_bytes() == (tokenizer_dir / name).read_bytes()
+    ids = token_ids(tokenizer_dir)
+    assert manifest["text"]["stop_tokens"] == [ids["<|end_of_text|>"], ids["<|eom|>"], ids["<|eot|>"]]
+    assert manifest["text"]["sampling"] == {"temperature": 0.6, "top_k": 0, "top_p": 0.9}
+
+
+def test_prompt_and_chat_ids_equal_transformers(engine, hf_tokenizer):
+    prompt = "The capital of France is"
+    assert engine.encode_prompt(prompt).tolist() == hf_tokenizer(prompt)["input_ids"]
+    assert engine.encode_chat(CHAT).tolist() == hf_tokenizer.apply_chat_template(CHAT, add_generation_prompt=True)[
+        "input_ids"]
+
+
+@pytest.mark.parametrize("new_tokens", [40])
+def test_greedy_text_equals_transformers_generate_and_decode(engine, hf_model, hf_tokenizer, new_tokens):
+    prompt = "Once upon a time"
+    want = hf_generate(hf_model, hf_tokenizer, hf_tokenizer(prompt, return_tensors="pt"), new_tokens)
+    assert engine.complete(prompt, new_tokens, **GREEDY) == want
+    chat = hf_generate(hf_model, hf_tokenizer, hf_tokenizer.apply_chat_template(
+        CHAT, add_generation_prompt=True, return_tensors="pt"), new_tokens)
+    assert engine.chat(CHAT, new_tokens, **GREEDY) == chat
+    assert len(want) > 10 and len(chat) > 0
+
+
+def test_streamed_pieces_join_to_the_final_text(engine):
+    """Random weights emit byte tokens that split (or never complete) characters: a hard case for streaming."""
+    for messages in (CHAT, [{"role": "user", "content": "Emoji 👋🏽 and 你好"}]):
+        pieces = list(engine.chat_stream(messages, 48, **GREEDY))
+        assert len(pieces) > 1 and "".join(pieces) == engine.chat(messages, 48, **GREEDY)
+    pieces = list(engine.complete_stream("東京 🚀", 48, temperature=0.9, seed=5))
+    assert "".join(pieces) == engine.complete("東京 🚀", 48, temperature=0.9, seed=5)
+
+
+def test_defaults_come_from_the_generation_config(engine):
+    """Sampling (temperature 0.6, top_p 0.9) unless overridden; stop tokens end the text and are not in it."""
+    a = engine.complete("Hello", 24, seed=1)
+    assert a == engine.complete("Hello", 24, seed=1, temperature=0.6, top_p=0.9)
+    assert engine.complete("Hello", 24, seed=1, temperature=0.0) == engine.complete("Hello", 24, **GREEDY)
+    ids = engine.encode_prompt("Hello")
+    greedy = engine.generate(ids[None], 24, stop_tokens=())[0, len(ids):].tolist()
+    first = greedy[3]   # make the 4th greedy token a stop token: the text ends before it
+    assert engine.complete("Hello", 24, stop_tokens=[first], **GREEDY) == engine.tokenizer.decode(
+        greedy[:greedy.index(first)])
+
+
+def test_generate_text_rows_equal_single_prompts(engine):
+    prompts = ["Hi", "The capital of France is", CHAT, "Once upon a time there was a little compiler"]
+    texts = engine.generate_text(prompts, 20, **GREEDY)
+    singles = [engine.complete(p, 20, **GREEDY) if isinstance(p, str) else engine.chat(p, 20, **GREEDY)
+               for p in prompts]
+    assert texts == singles
+
+
+def test_text_errors_are_clear_and_the_engine_stays_usable(engine, text_build, tmp_path):
+    with pytest.raises(RuntimeInputError, match="unknown role 'robot'"):
+        engine.chat([{"role": "robot", "content": "beep"}], 4)
+    with pytest.raises(RuntimeInputError, match=r"the prompt is \d+ tokens; the model's context is 256"):
+        engine.complete("word " * 300, 4)
+    with pytest.raises(RuntimeInputError, match="exceeds the model's maximum context 256"):
+        engine.complete("Hello", 300)
+    with pytest.raises(RuntimeInputError, match="a prompt must be a string"):
+        engine.complete(["not", "a", "string"], 4)
+    assert engine.complete("Hello", 4, **GREEDY) == engine.complete("Hello", 4, **GREEDY)
+
+    broken = tmp_path / "broken-template"
+    shutil.copytree(text_build, broken)
+    (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    e = Engine.load(broken)
+    with pytest.raises(RuntimeInputError, match="chat template does not compile"):
+        e.chat(CHAT, 4)
+    assert e.complete("Hello", 4, **GREEDY) == engine.complete("Hello", 4, **GREEDY)
+
+
+def test_build_without_a_tokenizer_names_the_fix(built_tiny):
+    engine = Engine.load(built_tiny("tiny-scout"))
+    for call in (lambda: engine.complete("Hello", 4), lambda: engine.chat([{"role": "user", "content": "x"}], 4),
+                 lambda: engine.generate_text(["a", "b"], 4)):
+        with pytest.raises(BuildDirError, match="has no tokenizer.*--tokenizer DIR"):
+            call()
+    assert engine.generate(np.array([[1, 2, 3]]), 4).shape == (1, 7)
