@@ -173,11 +173,16 @@ def cmd_run(args: argparse.Namespace) -> int:
     progress = current()
     with progress.phase("load engine"):
         engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
+    if args.prompt_ids is None:
+        from l4compile.text_cli import run_text
+        return run_text(engine, args)
+    max_new_tokens = 32 if args.max_new_tokens is None else args.max_new_tokens
     stops = tuple(args.stop_ids) if args.stop_ids is not None else None
-    tokens = engine.stream(np.array(args.prompt_ids), args.max_new_tokens, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop_tokens=stops)
+    tokens = engine.stream(np.array(args.prompt_ids), max_new_tokens, temperature=args.temperature or 0.0,
+                           top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
+                           stop_tokens=stops)
     # Tokens go to stdout as they come; a live bar only where it cannot land among them.
-    with progress.phase("generate", total=args.max_new_tokens, unit="token", live=not progress.shares_stdout) as task:
+    with progress.phase("generate", total=max_new_tokens, unit="token", live=not progress.shares_stdout) as task:
         first = next(tokens, None)  # input errors surface here, before anything is printed
         if first is not None:
             task.advance(1)
@@ -250,21 +255,24 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("passes", help="list the optimization passes and the named pipelines")
     p.set_defaults(func=cmd_passes)
 
-    p = sub.add_parser("run", help="generate tokens with a build (the embedded runtime)")
+    p = sub.add_parser("run", help="generate with a build (the embedded runtime): token ids, or text where the "
+                                   "build has a tokenizer")
     p.add_argument("build", help="build directory")
-    p.add_argument("--prompt-ids", required=True, type=_argtype(_id_list, "ids"), help="e.g. 1,2,3")
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy")
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--stop-ids", type=_argtype(_id_list, "ids"), help="stop token ids (default: the spec's eos)")
+    from l4compile.text_cli import add_chat_command, add_sampling_args, add_text_run_args
+    prompt = p.add_mutually_exclusive_group(required=True)
+    prompt.add_argument("--prompt-ids", type=_argtype(_id_list, "ids"), help="e.g. 1,2,3; prints prompt and new ids")
+    add_text_run_args(p, prompt)
+    p.add_argument("--max-new-tokens", type=int, help="default 32 for ids; for text the generation config's, else 256")
+    add_sampling_args(p)
+    p.add_argument("--stop-ids", type=_argtype(_id_list, "ids"),
+                   help="stop token ids (default: the generation config's, else the spec's eos)")
     p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
                    help="run with this backend instead of the manifest's (a TensorRT build's ONNX runs on onnxruntime)")
     add_progress_args(p)
     p.set_defaults(func=cmd_run)
 
+    add_chat_command(sub)
     add_engine_command(sub, _argtype(_positive_int, "count"))
     add_quant_report_command(sub, _argtype(_positive_int, "count"))
     from l4compile.hf.commands import add_hf_commands

@@ -1,0 +1,178 @@
+"""Text on the command line: `run --prompt / --prompt-file [--chat]` and the `chat` REPL (registered by l4compile.cli).
+
+stdout carries the model's text only (scripts can pipe it); prompts, notices and errors go to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Callable, TextIO
+
+from l4compile.runtime.errors import RuntimeInputError
+
+CHAT_HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops an answer"
+
+
+def add_text_run_args(p: argparse.ArgumentParser, prompt_group) -> None:
+    """`run`'s text inputs, in the group that already holds --prompt-ids."""
+    prompt_group.add_argument("--prompt", help="a text prompt (needs a build with a tokenizer); prints the completion")
+    prompt_group.add_argument("--prompt-file", metavar="FILE", help="read the text prompt from FILE ('-': stdin)")
+    p.add_argument("--chat", action="store_true",
+                   help="send the text prompt as a user message through the build's chat template")
+    p.add_argument("--system", help="with --chat: a system message")
+
+
+def sampling_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The sampling flags a user gave; the rest come from the build's generation config."""
+    options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p, "seed": args.seed}
+    if getattr(args, "stop_ids", None) is not None:
+        options["stop_tokens"] = tuple(args.stop_ids)
+    return {k: v for k, v in options.items() if v is not None}
+
+
+def read_prompt(args: argparse.Namespace) -> str:
+    if args.prompt is not None:
+        return args.prompt
+    try:
+        return sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise RuntimeInputError(f"--prompt-file {args.prompt_file}: cannot read it ({exc})") from None
+
+
+def write_stream(pieces, out: TextIO) -> str:
+    """Write text pieces as they come; returns the whole text."""
+    written = []
+    for piece in pieces:
+        out.write(piece)
+        out.flush()
+        written.append(piece)
+    return "".join(written)
+
+
+def run_text(engine, args: argparse.Namespace) -> int:
+    """`run --prompt`: the completion (or, with --chat, the answer) on stdout."""
+    prompt = read_prompt(args)
+    options = sampling_options(args)
+    if args.chat:
+        messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
+                   [{"role": "user", "content": prompt}]
+        pieces = engine.chat_stream(messages, args.max_new_tokens, **options)
+    else:
+        if args.system:
+            raise RuntimeInputError("--system needs --chat")
+        pieces = engine.complete_stream(prompt, args.max_new_tokens, **options)
+    write_stream(pieces, sys.stdout)
+    if sys.stdout.isatty():
+        sys.stdout.write("\n")
+    return 0
+
+
+class ChatSession:
+    """A conversation kept within the model's context: the oldest turns go first, the system message stays."""
+
+    def __init__(self, engine, system: str | None = None, max_new_tokens: int | None = None) -> None:
+        self.engine = engine
+        self.system = [{"role": "system", "content": system}] if system else []
+        self.turns: list[dict[str, str]] = []
+        self.max_new_tokens = max_new_tokens
+
+    def reset(self) -> None:
+        self.turns = []
+
+    def messages_for(self, text: str, notice: Callable[[str], None]) -> list[dict[str, str]]:
+        """The conversation with `text` as the next user message, shortened to leave room for an answer."""
+        room = self.max_new_tokens if self.max_new_tokens is not None else min(256, self.engine.max_context // 4)
+        user = {"role": "user", "content": text}
+        dropped = 0
+        while True:
+            messages = self.system + self.turns + [user]
+            length = len(self.engine.tokenizer.encode(self.engine.render_chat(messages), add_special_tokens=False))
+            if length + room <= self.engine.max_context or not self.turns:
+                break
+            self.turns = self.turns[2:] if len(self.turns) > 1 else []
+            dropped += 1
+        if dropped:
+            notice(f"(context full: forgot the {dropped} oldest exchange{'s' if dropped > 1 else ''})")
+        return messages
+
+    def answer(self, text: str, out: TextIO, notice: Callable[[str], None], **options: Any) -> str:
+        """Stream the answer to `text` into `out`; Ctrl-C stops it (what was said so far is kept)."""
+        messages = self.messages_for(text, notice)
+        pieces = self.engine.chat_stream(messages, self.max_new_tokens, **options)
+        said: list[str] = []
+        try:
+            for piece in pieces:
+                out.write(piece)
+                out.flush()
+                said.append(piece)
+        except KeyboardInterrupt:
+            pieces.close()
+            notice("\n(stopped)")
+        out.write("\n")
+        out.flush()
+        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(said)}]
+        return "".join(said)
+
+
+def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
+    """Read a line, stream the answer; /reset, /exit, EOF. Errors of one turn are one line; the session goes on."""
+    from l4compile.errors import L4Error
+    session = ChatSession(engine, args.system, args.max_new_tokens)
+    engine.chat_template   # a build without a template fails here, before the first prompt
+    options = sampling_options(args)
+
+    def notice(message: str) -> None:
+        stderr.write(message + "\n")
+        stderr.flush()
+
+    notice(f"chatting with {engine.manifest.model_name} ({CHAT_HELP})")
+    while True:
+        stderr.write("> ")
+        stderr.flush()
+        try:
+            line = stdin.readline()
+        except KeyboardInterrupt:   # Ctrl-C at the prompt: a fresh line, like Python's REPL
+            notice("")
+            continue
+        if not line:                # EOF (Ctrl-D, or the end of piped input)
+            notice("")
+            return 0
+        text = line.rstrip("\n")
+        if not text.strip():
+            continue
+        if text.strip() in ("/exit", "/quit"):
+            return 0
+        if text.strip() == "/reset":
+            session.reset()
+            notice("(conversation reset)")
+            continue
+        try:
+            session.answer(text, stdout, notice, **options)
+        except L4Error as exc:
+            notice(f"error: {exc}")
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from l4compile.runtime import Engine
+    engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
+    return repl(engine, args, sys.stdin, sys.stdout, sys.stderr)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--temperature", type=float, help="0: greedy (default: the build's generation config, else greedy)")
+    p.add_argument("--top-k", type=int, help="default: the generation config's, else none")
+    p.add_argument("--top-p", type=float, help="default: the generation config's, else 1")
+    p.add_argument("--seed", type=int)
+
+
+def add_chat_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("chat", help="an interactive chat with a build (its tokenizer and chat template), streamed")
+    p.add_argument("build", help="build directory (built with a tokenizer: --weights HF_DIR or --tokenizer DIR)")
+    p.add_argument("--system", help="a system message")
+    p.add_argument("--max-new-tokens", type=int, help="longest answer (default: the generation config's, else 256)")
+    add_sampling_args(p)
+    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+    p.set_defaults(func=cmd_chat)
