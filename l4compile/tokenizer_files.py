@@ -70,7 +70,8 @@ def generation_settings(path: Path | None) -> dict[str, Any]:
     if eos is not None:
         eos = [eos] if isinstance(eos, int) else eos
         if not (isinstance(eos, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in eos)):
-            raise BuildError(f"{path}: eos_token_id must be a token id or a list of them, found {config['eos_token_id']!r}")
+            raise BuildError(f"{path}: eos_token_id must be a token id or a list of them, "
+                             f"found {config['eos_token_id']!r}")
         settings["stop_tokens"] = eos
     if config.get("do_sample"):
         settings["sampling"] = {"temperature": float(config.get("temperature") or 1.0),

@@ -112,7 +112,7 @@ def _set_post_processor(backend, special: dict[str, str], add_bos: bool, add_eos
     add_bos, add_eos = add_bos and bos is not None, add_eos and eos is not None
     single = f"{(bos + ':0 ') if add_bos else ''}$A:0{(' ' + eos + ':0') if add_eos else ''}"
     pair = f"{single}{(' ' + bos + ':1') if add_bos else ''} $B:1{(' ' + eos + ':1') if add_eos else ''}"
-    tokens = ([(bos, backend.token_to_id(bos))] if add_bos else []) + ([(eos, backend.token_to_id(eos))] if add_eos else [])
+    tokens = [(t, backend.token_to_id(t)) for t, add in ((bos, add_bos), (eos, add_eos)) if add]
     backend.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=tokens)
 
 

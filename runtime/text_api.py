@@ -74,17 +74,17 @@ class TextGeneration:
     # ---- prompts -> ids ------------------------------------------------------
     def encode_prompt(self, text: str, add_special_tokens: bool = True) -> np.ndarray:
         """Text -> ids [seq], as transformers' `tokenizer(text)` (BOS where the tokenizer adds it)."""
-        return self._checked(self.tokenizer.encode(text, add_special_tokens), "prompt")
+        return self._checked_prompt(self.tokenizer.encode(text, add_special_tokens), "prompt")
 
     def encode_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **variables: Any) -> np.ndarray:
         """A conversation -> ids [seq], as transformers' `apply_chat_template(messages, add_generation_prompt=...)`."""
         text = self.render_chat(messages, add_generation_prompt, **variables)
-        return self._checked(self.tokenizer.encode(text, add_special_tokens=False), "chat")
+        return self._checked_prompt(self.tokenizer.encode(text, add_special_tokens=False), "chat")
 
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
         return self.chat_template.render(messages, add_generation_prompt, **variables)
 
-    def _checked(self, ids: list[int], what: str) -> np.ndarray:
+    def _checked_prompt(self, ids: list[int], what: str) -> np.ndarray:
         if not ids:
             raise RuntimeInputError(f"the {what} is empty after tokenization")
         if len(ids) >= self.max_context:
@@ -93,7 +93,7 @@ class TextGeneration:
         return np.asarray(ids, dtype=np.int64)
 
     # ---- generation settings ---------------------------------------------------
-    def _settings(self, prompt_length: int, max_new_tokens: int | None, temperature: float | None,
+    def _text_options(self, prompt_length: int, max_new_tokens: int | None, temperature: float | None,
                   top_k: int | None, top_p: float | None, stop_tokens: Sequence[int] | None) -> dict[str, Any]:
         defaults = self.text_settings.get("sampling") or {}
         if max_new_tokens is None:
@@ -133,7 +133,7 @@ class TextGeneration:
                         stop_tokens: Sequence[int] | None = None) -> Iterator[str]:
         """Continue `prompt`; yields text pieces as they become final (they concatenate to `complete`'s text)."""
         ids = self.encode_prompt(prompt)
-        return self._text_stream(ids, seed, self._settings(len(ids), max_new_tokens, temperature, top_k, top_p,
+        return self._text_stream(ids, seed, self._text_options(len(ids), max_new_tokens, temperature, top_k, top_p,
                                                             stop_tokens))
 
     def complete(self, prompt: str, max_new_tokens: int | None = None, **options: Any) -> str:
@@ -146,7 +146,7 @@ class TextGeneration:
                     template_variables: dict[str, Any] | None = None) -> Iterator[str]:
         """The assistant's answer to `messages` ([{"role": ..., "content": ...}, ...]), as streamed text pieces."""
         ids = self.encode_chat(messages, True, **(template_variables or {}))
-        return self._text_stream(ids, seed, self._settings(len(ids), max_new_tokens, temperature, top_k, top_p,
+        return self._text_stream(ids, seed, self._text_options(len(ids), max_new_tokens, temperature, top_k, top_p,
                                                             stop_tokens))
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, **options: Any) -> str:
@@ -163,10 +163,11 @@ class TextGeneration:
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise RuntimeInputError("generate_text takes a non-empty list of prompts (strings or message lists)")
         rows = [self.encode_prompt(p) if isinstance(p, str) else self.encode_chat(p) for p in prompts]
-        settings = self._settings(max(len(r) for r in rows), max_new_tokens, temperature, top_k, top_p, stop_tokens)
+        settings = self._text_options(max(len(r) for r in rows), max_new_tokens, temperature, top_k, top_p,
+                                      stop_tokens)
         stops = set(settings["stop_tokens"])
         texts = []
-        for ids in self._generate_rows(rows, seed, settings):
+        for ids in self._new_tokens_of_rows(rows, seed, settings):
             new = []
             for token in ids.tolist():
                 if token in stops:
@@ -175,11 +176,7 @@ class TextGeneration:
             texts.append(self.tokenizer.decode(new))
         return texts
 
-    def _generate_rows(self, rows: list[np.ndarray], seed: int | None, settings: dict[str, Any]) -> list[np.ndarray]:
+    def _new_tokens_of_rows(self, rows: list[np.ndarray], seed: int | None,
+                            settings: dict[str, Any]) -> list[np.ndarray]:
         """The new tokens of each prompt (rows of different lengths run one by one)."""
-        rng_seed = seed
-        out = []
-        for ids in rows:
-            generated = self.generate(ids[None], seed=rng_seed, **settings)[0, len(ids):]
-            out.append(generated)
-        return out
+        return [self.generate(ids[None], seed=seed, **settings)[0, len(ids):] for ids in rows]

@@ -40,13 +40,13 @@ def test_run_prompt_prints_the_completion_only(text_build, engine, tmp_path):
     assert r.returncode == 0 and r.stdout == engine.complete("Once upon a time 🐉\n", 12, seed=4)
     r = cli("run", text_build, "--prompt-file", "-", "--chat", "--system", "Be brief.", "--max-new-tokens", 12,
             *GREEDY, stdin="Hi there")
-    assert r.stdout == engine.chat([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}],
-                                   12, temperature=0)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    assert r.stdout == engine.chat(messages, 12, temperature=0)
 
 
 def test_run_text_errors_are_one_line(text_build, built_tiny):
-    for args, message in [((built_tiny("tiny-scout"), "--prompt", "Hi"), "has no tokenizer, so it takes token ids only; "
-                                                                         "rebuild with `--tokenizer DIR`"),
+    no_tokenizer = "has no tokenizer, so it takes token ids only; rebuild with `--tokenizer DIR`"
+    for args, message in [((built_tiny("tiny-scout"), "--prompt", "Hi"), no_tokenizer),
                           ((text_build, "--prompt", "word " * 300), "the model's context is 256"),
                           ((text_build, "--prompt-file", "/no/such/file"), "cannot read it"),
                           ((text_build, "--prompt", "Hi", "--top-p", "2"), "top_p must be in")]:
@@ -62,7 +62,8 @@ def test_build_with_tokenizer_from_a_spec(tokenizer_dir, tmp_path):
     assert r.returncode == 0, r.stderr
     assert Engine.load(tmp_path / "b").complete("Hello", 3, temperature=0) is not None
     r = cli("build", spec_path("tiny-scout"), "--weights", "random", "--tokenizer", tokenizer_dir, "-o", tmp_path / "c")
-    assert r.returncode == 1 and re.search("the tokenizer has 4[0-9]{2} tokens but the model.s vocabulary is 256", r.stderr)
+    assert r.returncode == 1 and re.search("the tokenizer has 4[0-9]{2} tokens but the model's vocabulary is 256",
+                                           r.stderr)
     assert not (tmp_path / "c").exists()
     r = cli("build", spec, "--weights", "random", "--tokenizer", tmp_path, "-o", tmp_path / "d")
     assert r.returncode == 1 and "no tokenizer.json there" in r.stderr

@@ -12,7 +12,8 @@ from l4compile.runtime.errors import RuntimeInputError
 from l4compile.runtime.text import StreamDecoder, Tokenizer
 from tests.text.llama4_tokenizer import CHAT_TEMPLATE, save_tokenizer
 
-PROMPTS = ["The capital of France is", " leading space", "Hello 👋🏽 你好，世界！ café", "two\n\nlines\tand tabs  ",
+PROMPTS = ["The capital of France is", " leading space", "Hello 👋🏽 你好，世界！ café",
+           "two\n\nlines\tand tabs  ",
            "<|header_start|>user<|header_end|> special tokens in text", "数字 12345 and 3.14", "😀" * 3]
 
 CHATS = {
@@ -96,8 +97,9 @@ def test_chat_errors_are_clear(files):
             [{"role": "user", "content": "x"}])
 
 
-# ---- streaming detokenization ------------------------------------------------------------------------------
-STREAM_TEXTS = ["Hello 👋🏽 world! 你好，世界！ 東京は日本の首都です。 🇫🇷 ❤️ done.", "   spaces first", "é" * 5 + " 👍🏽" * 3]
+# ---- streaming detokenization ----------------------------------------------------------------
+STREAM_TEXTS = ["Hello 👋🏽 world! 你好，世界！ 東京は日本の首都です。 🇫🇷 ❤️ done.", "   spaces first",
+                "é" * 5 + " 👍🏽" * 3]
 
 
 def byte_fallback_tokenizer():
