@@ -97,7 +97,7 @@ def test_chat_errors_are_clear(files):
             [{"role": "user", "content": "x"}])
 
 
-# ---- streaming detokenization ----------------------------------------------------------------
+# ---- streaming detokenization ------------------------------------------------------------
 STREAM_TEXTS = ["Hello 👋🏽 world! 你好，世界！ 東京は日本の首都です。 🇫🇷 ❤️ done.", "   spaces first",
                 "é" * 5 + " 👍🏽" * 3]
 
