@@ -63,7 +63,10 @@ def run_text(engine, args: argparse.Namespace) -> int:
         if args.system:
             raise RuntimeInputError("--system needs --chat")
         pieces = engine.complete_stream(prompt, args.max_new_tokens, **options)
-    write_stream(pieces, sys.stdout)
+    from l4compile.progress import current
+    progress = current()
+    with progress.phase("generate", live=not progress.shares_stdout):   # a line on stderr, with its time
+        write_stream(pieces, sys.stdout)
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     return 0

@@ -33,8 +33,11 @@ def engine(text_build):
 
 def test_run_prompt_prints_the_completion_only(text_build, engine, tmp_path):
     r = cli("run", text_build, "--prompt", "The capital of France is", "--max-new-tokens", 20, *GREEDY)
-    assert r.returncode == 0 and r.stderr == ""
-    assert r.stdout == engine.complete("The capital of France is", 20, temperature=0)
+    assert r.returncode == 0 and r.stdout == engine.complete("The capital of France is", 20, temperature=0)
+    assert "generate" in r.stderr    # progress lines go to stderr; with --quiet, nothing does
+    r = cli("run", text_build, "--prompt", "The capital of France is", "--max-new-tokens", 20, *GREEDY, "-q")
+    assert r.returncode == 0 and r.stderr == "" and r.stdout == engine.complete("The capital of France is", 20,
+                                                                                temperature=0)
     (tmp_path / "prompt.txt").write_text("Once upon a time 🐉\n")
     r = cli("run", text_build, "--prompt-file", tmp_path / "prompt.txt", "--max-new-tokens", 12, "--seed", 4)
     assert r.returncode == 0 and r.stdout == engine.complete("Once upon a time 🐉\n", 12, seed=4)
