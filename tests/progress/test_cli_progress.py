@@ -152,3 +152,15 @@ def test_export_and_quant_report_json(built_tiny, capsys, monkeypatch, tmp_path)
     report = json.loads(out)
     assert err == "" and report["top1_agreement"] == 1.0
     assert [p["name"] for p in report["phases"]] == ["load builds", "run build", "run reference"]
+
+
+def test_sharded_dry_run_json(capsys, monkeypatch):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    assert main(["build", str(spec_path("tiny-maverick")), "--target", "trt", "--tp", "2", "--dry-run", "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["tp"] == 2 and report["dry_run"] and "rank_1/model.onnx.data" in report["files"]
+    assert "sharding" in report and report["warnings"] == []
+    names = [p["name"] for p in report["phases"]]
+    assert names[:2] == ["load spec", "compile rank 0"] and "emit and check rank 1" in names
+    assert err.splitlines()[-1].startswith("build finished in ")
