@@ -124,12 +124,14 @@ class Experts(nn.Module):
 
     def forward(self, tokens: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """tokens [N, H] sorted by expert, `counts[e]` of them for expert e -> [N, H]."""
+        # unbind, not [e]: indexing per expert would make each backward write a zero-filled [E, ...] gradient
+        gate_up, down = self.gate_up_proj.unbind(0), self.down_proj.unbind(0)
         outs = []
         for e, part in enumerate(tokens.split(counts)):
             if part.shape[0] == 0:
                 continue
-            gate, up = (part @ self.gate_up_proj[e]).chunk(2, dim=-1)
-            outs.append((F.silu(gate) * up) @ self.down_proj[e])
+            gate, up = (part @ gate_up[e]).chunk(2, dim=-1)
+            outs.append((F.silu(gate) * up) @ down[e])
         return torch.cat(outs) if outs else tokens[:0]
 
 
