@@ -33,14 +33,15 @@ def labelled_tokens(labels: torch.Tensor) -> int:
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
 
 
-def load_balancing_sum(router_logits: list[torch.Tensor], top_k: int) -> torch.Tensor:
-    """Sum over sequences of the per-sequence balance loss, averaged over MoE layers.
-    Each router logits tensor is [B, S, E]; a perfectly balanced router scores 1 per sequence."""
+def load_balancing_sum(router_logits: list[torch.Tensor], top_k: int, batch: int) -> torch.Tensor:
+    """Sum over the `batch` sequences of the per-sequence balance loss, averaged over MoE layers.
+    Each router logits tensor is [batch * S, E]; a perfectly balanced router scores 1 per sequence."""
     if not router_logits:
         return torch.zeros(())
     total = 0.0
     for logits in router_logits:
         experts = logits.shape[-1]
+        logits = logits.view(batch, -1, experts)
         probs = torch.softmax(logits.float(), dim=-1)                       # [B, S, E]
         chosen = torch.topk(logits, top_k, dim=-1).indices                  # [B, S, k]
         counts = F.one_hot(chosen, experts).sum(dim=2).float()              # [B, S, E]

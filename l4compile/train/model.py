@@ -147,7 +147,7 @@ class MoE(nn.Module):
         self.shared_expert = MLP(h, moe.intermediate_size) if moe.shared_expert else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x [B, S, H] -> (output [B, S, H], router logits [B, S, E])."""
+        """x [B, S, H] -> (output [B, S, H], router logits [B * S, E]: not a view, which FSDP2 warns about)."""
         tokens = x.reshape(-1, x.shape[-1])
         logits = self.router(tokens)
         top_logit, expert = torch.topk(logits, self.top_k, dim=-1)            # [T, k]
@@ -160,7 +160,7 @@ class MoE(nn.Module):
         out = torch.zeros_like(tokens).index_add(0, token_of, routed.to(tokens.dtype))
         if self.shared_expert is not None:
             out = out + self.shared_expert(tokens)
-        return out.view(x.shape), logits.view(*x.shape[:-1], -1)
+        return out.view(x.shape), logits
 
 
 class DecoderLayer(nn.Module):
@@ -190,7 +190,7 @@ class TextModel(nn.Module):
 
 
 class Llama4ForTraining(nn.Module):
-    """`forward(input_ids [B, S]) -> (logits [B, S, V] float32, router logits of each MoE layer [B, S, E])`.
+    """`forward(input_ids [B, S]) -> (logits [B, S, V] float32, router logits of each MoE layer [B * S, E])`.
 
     Positions start at 0 for every row (packed training sequences)."""
 

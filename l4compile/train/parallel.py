@@ -70,8 +70,13 @@ def apply_activation_checkpointing(model: nn.Module) -> nn.Module:
 
 
 def apply_compile(model: nn.Module) -> nn.Module:
-    """torch.compile each decoder layer in place (names unchanged; MoE dispatch's data-dependent split
-    sizes are a graph break, the attention and dense parts compile)."""
+    """torch.compile the parts of each layer whose shapes do not depend on the routing: attention, dense MLPs,
+    the shared expert (names unchanged). MoE dispatch stays eager: its per-expert token counts change every
+    step and would recompile the graph each time."""
     for layer in model.model.layers:
-        layer.compile()
+        layer.self_attn.compile()
+        ffn = layer.feed_forward
+        for part in (ffn.shared_expert,) if layer.is_moe else (ffn,):
+            if part is not None:
+                part.compile()
     return model

@@ -191,7 +191,7 @@ class Trainer:
             with self.autocast:
                 logits, router_logits = self.model(ids)
             ce = cross_entropy_sum(logits, labels)
-            aux = load_balancing_sum(router_logits, top_k).to(ce.device)
+            aux = load_balancing_sum(router_logits, top_k, len(part)).to(ce.device)
             # FSDP averages gradients over ranks: scale by the world size so the result is the global mean
             loss = (ce / count + coef * aux / opts.batch) * world.size
             loss.backward()
