@@ -80,6 +80,16 @@ class HFCheckpoint(WeightSource):
         return read_mapped(entry.file, entry.start, entry.numpy_dtype, entry.shape,
                            numpy_dtype(param.type.dtype), transpose)
 
+    def get_slice(self, param: Value, axis: int, start: int, stop: int) -> np.ndarray:
+        """A rank's slice, reading only its bytes where the slice is a run of the stored tensor's
+        leading axis (stacked experts; transposed linears' columns); otherwise the whole tensor."""
+        entry, transpose = self.entry_for(param)
+        if (1 - axis if transpose else axis) != 0:
+            return super().get_slice(param, axis, start, stop)
+        row = int(np.prod(entry.shape[1:], dtype=np.int64)) * entry.numpy_dtype.itemsize
+        return read_mapped(entry.file, entry.start + start * row, entry.numpy_dtype,
+                           (stop - start,) + tuple(entry.shape[1:]), numpy_dtype(param.type.dtype), transpose)
+
 
 def read_checkpoint_entries(directory: Path) -> dict[str, TensorEntry]:
     """Every tensor of a checkpoint directory by name: through the index when there is one,

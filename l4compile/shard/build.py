@@ -45,6 +45,10 @@ def check_options(options: BuildOptions) -> None:
     if options.target != "trt":
         raise BuildError(f"--tp {options.tp} builds per-rank TensorRT graphs: use --target trt (the CPU check of the "
                          "split runs the same graphs on onnxruntime)")
+    if (options.quantization() or {}).get("activations"):
+        raise BuildError(f"--tp {options.tp} --quantize fp8: calibrated activation scales are not supported across "
+                         "ranks yet (calibration runs one rank's graph); add --no-quantize-activations "
+                         "(weights in fp8, activations in the build dtype)")
     if options.quantize == "int4" and options.int4_method == "gptq":
         raise BuildError("--tp with --int4-method gptq is not supported (Hessians are per unsharded tensor); "
                          "use --int4-method rtn")
@@ -132,8 +136,9 @@ def manifests(spec: ModelSpec, graphs: list[Graph], options: BuildOptions, weigh
 
 def dry_run_sharded(spec: ModelSpec, options: BuildOptions, gpu_memory: int | None,
                     log: Callable[[str], None] = print) -> tuple[BuildReport, ShardPlan]:
-    """Every rank's graph compiled, emitted and checked against a sparse data file; no weights."""
-    check_options(options)
+    """Every rank's graph compiled, emitted and checked against a sparse data file; no weights (so no
+    calibration either: activation scales are 1, as in an unsharded dry run)."""
+    check_options(dataclasses.replace(options, quantize_activations=False))
     options = dataclasses.replace(options, int4_method="rtn") if options.int4_method == "auto" else options
     graphs = rank_graphs(spec, options, log)
     the_plan = shard_plan(spec, options, graphs, gpu_memory)

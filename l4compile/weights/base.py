@@ -27,5 +27,12 @@ class WeightSource(ABC):
     def get(self, param: Value) -> np.ndarray:
         """The tensor for an IR parameter, in its IR dtype and shape."""
 
+    def get_slice(self, param: Value, axis: int, start: int, stop: int) -> np.ndarray:
+        """param[start:stop] along `axis` (a rank's part of a sharded parameter). Sources that can read
+        only those bytes override this; by default the whole tensor is read and sliced."""
+        index = [slice(None)] * len(param.type.shape)
+        index[axis] = slice(start, stop)
+        return self.get(param)[tuple(index)]
+
     def close(self) -> None:
         """Release files or maps held by the source."""

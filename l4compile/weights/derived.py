@@ -43,6 +43,9 @@ class DerivedWeights(WeightSource):
         derived: Derived | None = param.derived
         if derived is None:
             return self.inner.get(param)
+        if derived.scheme == "slice" and derived.source.derived is None:   # read only the rank's part
+            part = self.inner.get_slice(derived.source, **dict(derived.options))
+            return part.reshape(param.type.shape).astype(numpy_dtype(param.type.dtype), copy=False)
         key = (derived.source.name, derived.scheme, derived.options)
         if key != self._key:
             self._key, self._parts = None, {}   # drop the previous source's parts first

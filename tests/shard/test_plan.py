@@ -61,3 +61,15 @@ def test_full_size_sharded_dry_run(args, capsys):
     assert main(["build", *args, "--target", "trt", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "rank graphs verified and checked" in out and "does NOT fit" not in out
+
+
+def test_options_a_sharded_build_refuses():
+    from l4compile.build import BuildOptions
+    from l4compile.shard.build import check_options
+    with pytest.raises(BuildError, match="add --no-quantize-activations"):
+        check_options(BuildOptions(target="trt", tp=2, quantize="fp8"))
+    check_options(BuildOptions(target="trt", tp=2, quantize="fp8", quantize_activations=False))
+    with pytest.raises(BuildError, match="use --int4-method rtn"):
+        check_options(BuildOptions(target="trt", tp=2, quantize="int4", int4_method="gptq"))
+    with pytest.raises(BuildError, match="use --target trt"):
+        check_options(BuildOptions(target="onnx", tp=2))

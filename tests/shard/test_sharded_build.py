@@ -19,6 +19,7 @@ from l4compile.shard.build import build_sharded
 from l4compile.trt.compat import check_file
 from l4compile.weights import RandomWeights
 from tests.conftest import load, token_ids
+from tests.hf.conftest import tiny_checkpoint  # noqa: F401  (the fixture)
 
 CASES = [("tiny-scout", 2), ("tiny-scout", 4), ("tiny-maverick", 2), ("tiny-maverick", 4)]
 QUIET = lambda *_: None  # noqa: E731
@@ -78,3 +79,27 @@ def test_rank_weights_are_slices_of_the_full_tensors(builds):
     name = "layers.2.feed_forward.experts.gate_up_proj"
     assert np.array_equal(np.concatenate([p[name] for p in parts], axis=0), full[name])
     assert np.array_equal(parts[1]["embed_tokens"], full["embed_tokens"])
+
+
+@pytest.mark.slow
+def test_a_checkpoint_streams_each_ranks_slice(tiny_checkpoint):
+    """Rank slices of an HF checkpoint read only their bytes where the slice is a run of the stored
+    tensor (experts, columns of transposed linears) and equal the whole tensor's slice everywhere."""
+    from l4compile.hf import HFCheckpoint
+    from l4compile.lower import lower
+    from l4compile.passes.shard import Shard
+    from tests.hf.test_hf_checkpoint import spec_of
+    spec = spec_of(tiny_checkpoint)
+    source = HFCheckpoint.for_spec(tiny_checkpoint, spec)
+    graph = lower(spec)
+    full = {p.name: p for p in graph.params()}
+    Shard(2, 1).run(graph)
+    from l4compile.weights.derived import with_derived
+    weights = with_derived(source)
+    for name in ("layers.0.feed_forward.experts.gate_up_proj", "layers.0.self_attn.q_proj",
+                 "layers.0.self_attn.o_proj", "layers.0.feed_forward.shared_expert.down_proj"):
+        part = graph.values[name]
+        options = dict(part.derived.options)
+        index = [slice(None)] * part.type.rank
+        index[options["axis"]] = slice(options["start"], options["stop"])
+        assert np.array_equal(weights.get(part), source.get(full[name])[tuple(index)])
