@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,8 +22,10 @@ from l4compile.ir.printer import print_ir
 from l4compile.inspect import build_report, format_bytes
 from l4compile.ir.verify import verify
 from l4compile.lower import lower
+from l4compile.outdir import check_replaceable, replace_dir, staging_dir
 from l4compile.passes.pipelines import DEFAULT_PIPELINE, run_pipeline
 from l4compile.progress import current
+from l4compile.runtime import integrity
 from l4compile.runtime.manifest import MANIFEST_FILE, LayerInfo, Manifest, TensorInfo
 from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import WeightSource
@@ -58,6 +61,7 @@ class BuildOptions:
     engine: Any = None                   # target trt: l4compile.trt.profiles.EngineOptions (None: defaults)
     tp: int = 1                          # tensor/expert-parallel ranks (l4compile.passes.shard); 1: unsharded
     tokenizer: str | None = None         # a directory with a Hugging Face tokenizer to copy into the build
+    force: bool = False                  # replace an existing output even if it is not an l4compile build
 
     def quantization(self) -> dict | None:
         """What --quantize did, for the manifest and the model's metadata."""
@@ -213,30 +217,28 @@ def resolve_calibration(spec: ModelSpec, options: BuildOptions, log: Callable[[s
 
 def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildOptions,
           log: Callable[[str], None] = print) -> BuildReport:
-    """Write a complete build directory, or nothing: work in a temp dir, then rename. Each step is a
-    phase of the current progress reporter; `log` gets the IR --print-ir asks for."""
+    """Write a complete build directory, or nothing: work in a temp dir, then swap it into place. An
+    existing `out_dir` is replaced only if it is an l4compile build (or `options.force`; see outdir.py).
+    Each step is a phase of the current progress reporter; `log` gets the IR --print-ir asks for."""
     out_dir = Path(out_dir)
     progress = current()
     options = resolve_calibration(spec, options, progress.warn)
     if options.target not in TARGETS:
         raise BuildError(f"unknown target {options.target!r}; choose one of {', '.join(TARGETS)}")
-    if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file():
-        raise BuildError(f"{out_dir} exists and is not an l4compile build directory; refusing to overwrite it")
+    check_replaceable(out_dir, options.force)
     tokenizer_files = None
     if options.tokenizer:
         from l4compile.tokenizer_files import prepare_tokenizer
         tokenizer_files = prepare_tokenizer(options.tokenizer, spec.vocab_size)
     graph, results = compile_graph(spec, options, log, weights)
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    params = graph.params()
-    needed = sum(v.type.nbytes() for v in params)
-    free = shutil.disk_usage(parent).free
-    if needed > free:
-        raise BuildError(f"the build needs {format_bytes(needed)} for weights but {parent} has only "
-                         f"{format_bytes(free)} free")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    tmp = staging_dir(out_dir)
     try:
+        params = graph.params()
+        needed = sum(v.type.nbytes() for v in params)
+        free = shutil.disk_usage(tmp).free
+        if needed > free:
+            raise BuildError(f"the build needs {format_bytes(needed)} for weights but {tmp.parent} has only "
+                             f"{format_bytes(free)} free")
         with progress.phase("write weights", total=len(params), unit="tensor", size_total=needed,
                             detail=_stream_detail(options)) as task:
             artifact = emit_onnx(graph, tmp, weights, DATA_FILE, _metadata(spec, options), task)
@@ -252,7 +254,11 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
             from l4compile.trt.profiles import EngineOptions
             from l4compile.trt.target import finish_build
             manifest = finish_build(tmp, out_dir, manifest, options.engine or EngineOptions())
+        manifest = dataclasses.replace(manifest, checksums=integrity.record(tmp, {DATA_FILE: artifact.data_sha256}))
         manifest.write(tmp)
+        notice = check_replaceable(out_dir, options.force)   # again: the directory may have changed meanwhile
+        if notice:
+            print(f"l4compile: {notice}", file=sys.stderr)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -271,14 +277,3 @@ def _stream_detail(options: BuildOptions) -> str:
         return ""
     method = " by GPTQ" if quantization.get("method") == "gptq" else ""
     return f"({quantization['weights']} codes{method} computed as each tensor is written)"
-
-
-def replace_dir(new: Path, target: Path) -> None:
-    """Move `new` into place; an older build at `target` is removed only once the new one is there."""
-    if not target.exists():
-        os.replace(new, target)
-        return
-    old = target.with_name(f".{target.name}.old-{os.getpid()}")
-    os.replace(target, old)
-    os.replace(new, target)
-    shutil.rmtree(old, ignore_errors=True)

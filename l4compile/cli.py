@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -11,6 +13,19 @@ from l4compile import __version__
 from l4compile.errors import BuildError, L4Error
 from l4compile.inspect import canonical_dtype, format_bytes, parse_size
 from l4compile.progress import Progress, add_progress_args, current
+from l4compile.runtime import options
+from l4compile.runtime.options import cli_type
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that a build removes its temporary directory."""
+
+
+class Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), like every other error of the CLI."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _argtype(convert, what: str):
@@ -25,9 +40,19 @@ def _argtype(convert, what: str):
 
 
 def _positive_int(text: str) -> int:
-    value = int(text)
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"expected a positive integer, found {text!r}") from None
+    if not 1 <= value <= options.INT64_MAX:
+        raise ValueError(f"expected a positive integer below 2**63, found {text}")
+    return value
+
+
+def _positive_size(text: str) -> int:
+    value = parse_size(text)
     if value < 1:
-        raise ValueError(f"expected a positive integer, found {text}")
+        raise ValueError(f"expected a size of at least 1 byte, found {text!r}")
     return value
 
 
@@ -59,13 +84,14 @@ def _weights(args: argparse.Namespace, spec):
 
 def cmd_build(args: argparse.Namespace) -> int:
     from l4compile.build import BuildOptions, build, dry_run
+    from l4compile.outdir import default_output
     from l4compile.spec import load_spec
     progress = current()
     with progress.phase("load spec"):
         spec = load_spec(args.spec)
     options = BuildOptions(target=args.target, dtype=args.dtype, pipeline=args.pipeline, print_ir=args.print_ir,
                            disable_passes=tuple(args.disable_pass), print_ir_after=args.print_ir_after,
-                           verify=args.verify, verbose=args.verbose)
+                           verify=args.verify, verbose=args.verbose, force=args.force)
     from l4compile.tokenizer_files import tokenizer_source
     options.tokenizer = tokenizer_source(args.tokenizer, args.weights)
     from l4compile.trt.cli import engine_options
@@ -83,11 +109,12 @@ def cmd_build(args: argparse.Namespace) -> int:
         if args.weights is None:
             raise BuildError("a build needs weights: --weights random [--seed N] or --weights HF_CHECKPOINT_DIR "
                              "(or --dry-run to check the graph only)")
-        out = Path(args.output or Path("build") / spec.name)
+        out = Path(args.output) if args.output else default_output(spec.name)
         with progress.phase("open weights"):
             weights = _weights(args, spec)
         report = build(spec, out, weights, options, show_ir)
-    disk = _disk_space(Path(args.output or Path("build") / spec.name), report.total_bytes) if args.dry_run else None
+    disk = _disk_space(Path(args.output) if args.output else default_output(spec.name),
+                       report.total_bytes) if args.dry_run else None
     if args.json:
         result = {"command": "build", "spec": spec.name, "spec_file": str(args.spec), "target": options.target,
                   "dtype": options.dtype, "weights": None if args.dry_run else args.weights, **report.to_dict()}
@@ -116,7 +143,8 @@ def _build_sharded(args: argparse.Namespace, spec, options, show_ir) -> int:
         if args.weights is None:
             raise BuildError("a build needs weights: --weights random [--seed N] or --weights HF_CHECKPOINT_DIR "
                              "(or --dry-run to check the graph only)")
-        out = Path(args.output or Path("build") / spec.name)
+        from l4compile.outdir import default_output
+        out = Path(args.output) if args.output else default_output(spec.name)
         with progress.phase("open weights"):
             weights = _weights(args, spec)
         report = build_sharded(spec, out, weights, options, args.gpu_memory, show_ir)
@@ -196,7 +224,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def make_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="l4compile", description="Compile Llama 4 specs to ONNX, TensorRT and torch.")
+    parser = Parser(prog="l4compile", description="Compile Llama 4 specs to ONNX, TensorRT and torch.")
     parser.add_argument("--version", action="version", version=f"l4compile {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks for errors")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -224,7 +252,8 @@ def make_parser() -> argparse.ArgumentParser:
                         "engine where TensorRT and a GPU are present)")
     p.add_argument("-o", "--output", help="build directory (default build/<spec name>)")
     p.add_argument("--weights", help="'random' or a Hugging Face checkpoint directory")
-    p.add_argument("--seed", type=int, default=0, help="seed of --weights random (default 0)")
+    p.add_argument("--seed", type=cli_type(options.seed, int, "a non-negative integer"), default=0,
+                   help="seed of --weights random (default 0)")
     p.add_argument("--tokenizer", metavar="DIR", help="copy this Hugging Face tokenizer (tokenizer.json, its config, "
                    "chat template, generation_config.json) into the build; default: the --weights checkpoint's")
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
@@ -246,6 +275,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=_argtype(parse_size, "size"), default=parse_size("141GB"),
                    help="with --tp: memory of one GPU; a rank whose weights and KV cache (at --max-batch x "
                         "--max-seq) exceed it is an error (default 141GB, an H200)")
+    p.add_argument("--force", action="store_true",
+                   help="replace the output directory even if it is not an l4compile build (its files are deleted)")
     from l4compile.trt.cli import add_engine_args, add_engine_command
     add_engine_args(p, _argtype(_positive_int, "count"))
     from l4compile.quant.cli import add_quant_report_command, add_quantize_args
@@ -262,44 +293,83 @@ def make_parser() -> argparse.ArgumentParser:
     prompt = p.add_mutually_exclusive_group(required=True)
     prompt.add_argument("--prompt-ids", type=_argtype(_id_list, "ids"), help="e.g. 1,2,3; prints prompt and new ids")
     add_text_run_args(p, prompt)
-    p.add_argument("--max-new-tokens", type=int, help="default 32 for ids; for text the generation config's, else 256")
+    p.add_argument("--max-new-tokens", type=cli_type(options.max_new_tokens, int, "a count"), help="default 32 for ids; for text the generation config's, else 256")
     add_sampling_args(p)
     p.add_argument("--stop-ids", type=_argtype(_id_list, "ids"),
                    help="stop token ids (default: the generation config's, else the spec's eos)")
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=cli_type(options.threads, int, "a thread count"),
+                   help="onnxruntime intra-op threads")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
                    help="run with this backend instead of the manifest's (a TensorRT build's ONNX runs on onnxruntime)")
     add_progress_args(p)
     p.set_defaults(func=cmd_run)
 
     add_chat_command(sub)
+    from l4compile.verify import add_verify_command
+    add_verify_command(sub)
+
     add_engine_command(sub, _argtype(_positive_int, "count"))
     add_quant_report_command(sub, _argtype(_positive_int, "count"))
     from l4compile.hf.commands import add_hf_commands
-    add_hf_commands(sub, _argtype(parse_size, "size"))
+    add_hf_commands(sub, _argtype(_positive_size, "size"))
     from l4compile.train.cli import add_train_command
     add_train_command(sub, _argtype(_positive_int, "count"))
     return parser
+
+
+def _terminate(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)   # a second SIGTERM must not interrupt the cleanup
+    raise Terminated()
+
+
+def _quiet_stdout() -> None:
+    """After a closed pipe: send what is left of stdout to /dev/null so that the exit flush cannot fail."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError, AttributeError):
+        pass
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = make_parser()
     args = parser.parse_args(argv)
     progress = Progress.from_args(args)   # progress and warnings on stderr; -q/-v where the command has them
+    import threading
+    handles_sigterm = (threading.current_thread() is threading.main_thread()
+                       and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL)
+    if handles_sigterm:   # only where nobody else (a test runner, an embedding app) installed a handler
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         with progress.activate():
             code = args.func(args)
         if code == 0 and hasattr(args, "quiet"):
             progress.finish(args.command)
+        sys.stdout.flush()
         return code
     except L4Error as exc:
         if args.debug:
             raise
         print(f"l4compile: error: {exc}", file=sys.stderr)
         return exc.exit_code
+    except BrokenPipeError:   # `l4compile inspect ... | head -1`: the reader has what it wanted
+        _quiet_stdout()
+        return 141
+    except OSError as exc:    # an output path that cannot be written, a disk that filled up
+        if args.debug:
+            raise
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(f"l4compile: error: {where}{exc.strerror or exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("l4compile: interrupted", file=sys.stderr)
         return 130
+    except Terminated:
+        print("l4compile: terminated", file=sys.stderr)
+        return 143
+    finally:
+        if handles_sigterm:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 if __name__ == "__main__":

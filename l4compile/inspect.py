@@ -44,7 +44,10 @@ def parse_size(text: str) -> int:
     unit = match.group(2).upper() if match else None
     if unit not in _SIZE_UNITS:
         raise ValueError(f"expected a size like 80GB or 80GiB, found {text!r}")
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    value = float(match.group(1)) * _SIZE_UNITS[unit]
+    if not value < 2**63:   # also inf, from an exponent like 1e999
+        raise ValueError(f"expected a size below 2**63 bytes, found {text!r}")
+    return int(value)
 
 
 def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bfloat16",

@@ -164,18 +164,26 @@ def cmd_chat(args: argparse.Namespace) -> int:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--temperature", type=float, help="0: greedy (default: the build's generation config, else greedy)")
-    p.add_argument("--top-k", type=int, help="default: the generation config's, else none")
-    p.add_argument("--top-p", type=float, help="default: the generation config's, else 1")
-    p.add_argument("--seed", type=int)
+    from l4compile.runtime import options
+    from l4compile.runtime.options import cli_type
+    p.add_argument("--temperature", type=cli_type(options.temperature, float, "a number"),
+                   help="0: greedy (default: the build's generation config, else greedy)")
+    p.add_argument("--top-k", type=cli_type(options.top_k, int, "a count"),
+                   help="default: the generation config's, else none")
+    p.add_argument("--top-p", type=cli_type(options.top_p, float, "a number"),
+                   help="default: the generation config's, else 1")
+    p.add_argument("--seed", type=cli_type(options.seed, int, "a non-negative integer"))
 
 
 def add_chat_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("chat", help="an interactive chat with a build (its tokenizer and chat template), streamed")
     p.add_argument("build", help="build directory (built with a tokenizer: --weights HF_DIR or --tokenizer DIR)")
     p.add_argument("--system", help="a system message")
-    p.add_argument("--max-new-tokens", type=int, help="longest answer (default: the generation config's, else 256)")
+    from l4compile.runtime import options
+    p.add_argument("--max-new-tokens", type=options.cli_type(options.max_new_tokens, int, "a count"),
+                   help="longest answer (default: the generation config's, else 256)")
     add_sampling_args(p)
-    p.add_argument("--threads", type=int, help="onnxruntime intra-op threads")
+    p.add_argument("--threads", type=options.cli_type(options.threads, int, "a thread count"),
+                   help="onnxruntime intra-op threads")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
     p.set_defaults(func=cmd_chat)

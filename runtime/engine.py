@@ -14,6 +14,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from l4compile.runtime import integrity, options
 from l4compile.runtime.errors import BuildDirError, RuntimeInputError
 from l4compile.runtime.kv_cache import KVCache
 from l4compile.runtime.manifest import Manifest
@@ -36,10 +37,18 @@ class Engine(TextGeneration):
 
     @classmethod
     def load(cls, directory: str | Path, providers: list[str] | None = None, threads: int | None = None,
-             backend: str | None = None) -> "Engine":
-        """`backend` overrides the manifest's ("onnxruntime" runs a TensorRT build's ONNX, e.g. to compare)."""
-        directory = Path(directory)
+             backend: str | None = None, verify: bool = False) -> "Engine":
+        """`backend` overrides the manifest's ("onnxruntime" runs a TensorRT build's ONNX, e.g. to compare).
+
+        The files of the build are checked against the manifest's records first: presence and sizes
+        always, sha256 checksums too with `verify` (reads every byte once). Any fault is a BuildDirError
+        naming the file.
+        """
+        directory, threads = Path(directory), options.threads(threads)
         manifest = Manifest.read(directory)
+        # A TensorRT engine is the TensorRT backend's to look for (it says how to build a missing one).
+        required = {role: name for role, name in manifest.files.items() if role != "engine"}
+        integrity.check(directory, manifest.checksums, required, checksums=verify)
         name = backend or manifest.backend
         sharded = bool((manifest.sharding or {}).get("ranks"))   # the whole of a build --tp N (not one rank)
         if sharded and name == "tensorrt":
@@ -106,9 +115,11 @@ class Engine(TextGeneration):
         Generation stops early once every row has produced a stop token; a finished row is filled
         with its stop token. `callback` receives each step's new tokens [batch].
         """
+        max_new_tokens, seed, stop_tokens = _generation_options(max_new_tokens, seed, stop_tokens)
+        sampling = Sampling(temperature, top_k, top_p)
         ids = self.check_ids(ids, extra=max_new_tokens)
         rows = [ids]
-        for tokens in self._decode(ids, max_new_tokens, Sampling(temperature, top_k, top_p), seed, stop_tokens):
+        for tokens in self._decode(ids, max_new_tokens, sampling, seed, stop_tokens):
             rows.append(tokens[:, None])
             if callback:
                 callback(tokens)
@@ -118,19 +129,19 @@ class Engine(TextGeneration):
                top_p: float = 1.0, seed: int | None = None,
                stop_tokens: tuple[int, ...] | None = None) -> Iterator[int]:
         """One prompt (ids [seq]); yields each new token as it is decided."""
+        max_new_tokens, seed, stop_tokens = _generation_options(max_new_tokens, seed, stop_tokens)
+        sampling = Sampling(temperature, top_k, top_p)
         ids = np.asarray(ids)
         if ids.ndim != 1:
             raise RuntimeInputError(f"stream takes one prompt of shape [seq], got shape {ids.shape}")
         ids = self.check_ids(ids[None], extra=max_new_tokens)
-        for tokens in self._decode(ids, max_new_tokens, Sampling(temperature, top_k, top_p), seed, stop_tokens):
+        for tokens in self._decode(ids, max_new_tokens, sampling, seed, stop_tokens):
             yield int(tokens[0])
 
     def _decode(self, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, seed: int | None,
                 stop_tokens: tuple[int, ...] | None) -> Iterator[np.ndarray]:
         if self._kv is None:
             raise BuildDirError(f"{self.directory}: this build has no KV cache; rebuild it to generate")
-        if max_new_tokens < 0:
-            raise RuntimeInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         stops = np.array(sorted(set(stop_tokens if stop_tokens is not None else self.manifest.tokens.get("eos") or [])),
                          dtype=np.int64)
         rng = np.random.default_rng(seed)
@@ -147,3 +158,7 @@ class Engine(TextGeneration):
             if done.all():
                 return
             step_ids, start = tokens[:, None], 0
+
+
+def _generation_options(max_new_tokens, seed, stop_tokens) -> tuple[int, int | None, tuple[int, ...] | None]:
+    return options.max_new_tokens(max_new_tokens), options.seed(seed), options.stop_tokens(stop_tokens)

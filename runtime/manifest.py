@@ -60,6 +60,9 @@ class Manifest:
     # Text settings from the checkpoint's generation_config.json (l4compile.tokenizer_files): stop_tokens,
     # sampling defaults, max_new_tokens; the tokenizer files themselves are in `files`. None: ids only.
     text: dict[str, Any] | None = None
+    # every file of the build but the manifest: {name: {"bytes": int, "sha256": hex}} (runtime/integrity.py);
+    # None in builds written before it existed
+    checksums: dict[str, dict[str, Any]] | None = None
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}, indent=2)
@@ -69,22 +72,136 @@ class Manifest:
 
     @classmethod
     def read(cls, directory: str | Path) -> "Manifest":
+        """Read and type-check a manifest: anything malformed is a BuildDirError naming the file and field."""
         path = Path(directory) / MANIFEST_FILE
         if not path.is_file():
             raise BuildDirError(f"{directory}: not a build directory (no {MANIFEST_FILE})")
         try:
-            data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+            data = json.loads(path.read_bytes())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
             raise BuildDirError(f"{path}: manifest is not valid JSON ({exc})") from None
-        if data.pop("format", None) != FORMAT:
+        except OSError as exc:
+            raise BuildDirError(f"{path}: cannot read the manifest ({exc.strerror})") from None
+        if not isinstance(data, dict) or data.pop("format", None) != FORMAT:
             raise BuildDirError(f"{path}: not an l4compile manifest")
         version = data.pop("format_version", None)
         if version != FORMAT_VERSION:
             raise BuildDirError(f"{path}: manifest format {version}, this runtime reads {FORMAT_VERSION}")
         try:
+            _check(data, _manifest_schema(), "")
             data["inputs"] = [TensorInfo(**t) for t in data["inputs"]]
             data["outputs"] = [TensorInfo(**t) for t in data["outputs"]]
             data["layers"] = [LayerInfo(**layer) for layer in data["layers"]]
             return cls(**data)
-        except (KeyError, TypeError) as exc:
-            raise BuildDirError(f"{path}: malformed manifest ({exc})") from None
+        except _Malformed as exc:
+            raise BuildDirError(f"{path}: malformed manifest: {exc}") from None
+
+
+class _Malformed(Exception):
+    pass
+
+
+def _file_name(value: Any) -> bool:
+    """A relative path inside the build directory, like `model.onnx` or `rank0/model.onnx` (an edited
+    manifest must not point outside it)."""
+    if not isinstance(value, str) or not value or value.startswith("/") or any(c in value for c in "\\\0"):
+        return False
+    return all(part not in ("", ".", "..") for part in value.split("/"))
+
+
+def _nonneg_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _positive_int(value: Any) -> bool:
+    return _nonneg_int(value) and value > 0
+
+
+def _str(value: Any) -> bool:
+    return isinstance(value, str)
+
+
+def _optional(check):
+    return lambda value: value is None or check(value)
+
+
+def _list_of(check):
+    return lambda value: isinstance(value, list) and all(check(v) for v in value)
+
+
+def _dict_of(check_key, check_value):
+    return lambda value: isinstance(value, dict) and all(check_key(k) and check_value(v) for k, v in value.items())
+
+
+def _record(value: Any) -> bool:
+    return (isinstance(value, dict) and set(value) == {"bytes", "sha256"} and _nonneg_int(value["bytes"])
+            and isinstance(value["sha256"], str) and len(value["sha256"]) == 64)
+
+
+_TENSOR = {"name": _str, "dtype": _str, "shape": _list_of(lambda d: _nonneg_int(d) or _str(d))}
+_LAYER = {"index": _nonneg_int, "attention": lambda v: v in ("chunked", "global"),
+          "kv_capacity": _optional(_positive_int), "num_kv_heads": _positive_int, "head_dim": _positive_int}
+_TOKEN = _optional(_nonneg_int)
+# field -> (check, required); sub-schemas (dicts) are for lists of objects
+_MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
+    "model_name": (_str, True), "spec_hash": (_str, True), "target": (_str, True), "backend": (_str, True),
+    "dtype": (lambda v: v in ("float32", "float16", "bfloat16"), True), "pipeline": (_str, True),
+    "files": (_dict_of(_str, _file_name), True), "inputs": (_TENSOR, True), "outputs": (_TENSOR, True),
+    "vocab_size": (_positive_int, True), "max_position_embeddings": (_positive_int, True),
+    "layers": (_LAYER, True),
+    "tokens": (lambda v: isinstance(v, dict) and _TOKEN(v.get("bos")) and _TOKEN(v.get("pad"))
+               and _optional(_list_of(_nonneg_int))(v.get("eos")), False),
+    "kv_cache": (_optional(lambda v: _dict_of(_str, lambda x: _str(x) or _list_of(_str)(x))(v) and _kv_names(v)),
+                 False),
+    "weights": (_str, False), "compiler_version": (_str, False), "spec": (lambda v: isinstance(v, dict), False),
+    "quantization": (_optional(lambda v: isinstance(v, dict)), False),
+    "trt": (_optional(lambda v: isinstance(v, dict)), False),
+    "checksums": (_optional(_dict_of(_file_name, _record)), False),
+}
+
+
+def _manifest_schema() -> dict[str, tuple[Any, bool]]:
+    """Every field of Manifest (required when it has no default), with its check where one is written
+    above; a field added later without a check is accepted as it is."""
+    from dataclasses import MISSING, fields
+    return {f.name: _MANIFEST_SCHEMA.get(f.name, (lambda value: True,
+                                                  f.default is MISSING and f.default_factory is MISSING))
+            for f in fields(Manifest)}
+
+
+def _kv_names(kv: dict) -> bool:
+    """The names the runtime binds: present, and the per-layer ones formattable with the layer index."""
+    try:
+        return (all(_str(kv[k]) for k in ("past_length", "logits_start"))
+                and all(_str(kv[k]) and kv[k].format(i=0) != kv[k].format(i=1)
+                        for k in ("past_key", "past_value", "new_key", "new_value")))
+    except (KeyError, IndexError, ValueError, AttributeError):
+        return False
+
+
+def _check(data: dict, schema: dict, where: str) -> None:
+    """Raise _Malformed naming the first field that is missing, unknown or of the wrong type."""
+    if not isinstance(data, dict):
+        raise _Malformed(f"{where.rstrip('.') or 'manifest'}: expected an object, found {type(data).__name__}")
+    for key in data:
+        if key not in schema:
+            raise _Malformed(f"unknown field {where}{key}")
+    for key, spec in schema.items():
+        check, required = spec if isinstance(spec, tuple) else (spec, True)
+        if key not in data:
+            if required:
+                raise _Malformed(f"missing field {where}{key}")
+            continue
+        value = data[key]
+        if isinstance(check, dict):   # a list of objects with their own fields
+            if not isinstance(value, list):
+                raise _Malformed(f"field {where}{key}: expected a list, found {type(value).__name__}")
+            for i, item in enumerate(value):
+                _check(item, check, f"{where}{key}[{i}].")
+        elif not check(value):
+            raise _Malformed(f"field {where}{key}: unexpected value {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."

@@ -26,9 +26,11 @@ class OnnxRuntimeBackend:
     @classmethod
     def load(cls, directory: Path, manifest: Manifest, providers: list[str] | None = None,
              threads: int | None = None) -> "OnnxRuntimeBackend":
+        if "model" not in manifest.files:
+            raise BuildDirError(f"{directory / 'manifest.json'}: the manifest names no model file")
         model = directory / manifest.files["model"]
         if not model.is_file():
-            raise BuildDirError(f"{directory}: model file {manifest.files['model']} is missing")
+            raise BuildDirError(f"{model}: the build's model file is missing")
         import onnxruntime as ort
         providers = providers or ["CPUExecutionProvider"]
         if manifest.dtype == "bfloat16" and providers == ["CPUExecutionProvider"]:
@@ -42,7 +44,7 @@ class OnnxRuntimeBackend:
             # at load (onnxruntime keeps DequantizeLinear unfolded for QDQ fusion unless told otherwise).
             # The files stay fp8; memory and speed are those of the build's float dtype.
             options.add_session_config_entry("session.disable_quant_qdq", "1")
-        return cls(manifest, ort.InferenceSession(str(model), options, providers=providers))
+        return cls(manifest, create_session(model, options, providers, directory))
 
     def forward(self, ids: np.ndarray) -> np.ndarray:
         """A build without a KV cache: ids -> logits."""
@@ -76,3 +78,20 @@ class OnnxRuntimeBackend:
         copies = {p: (outputs[1 + 2 * p].numpy(), outputs[2 + 2 * p].numpy()) for p in copied}
         cache.commit(ids.shape[1], copies)
         return logits
+
+
+def create_session(model: Path, options, providers: list[str], directory: Path):
+    """An onnxruntime session, or one BuildDirError naming the file (onnxruntime's own log stays quiet)."""
+    import onnxruntime as ort
+    options.log_severity_level = 4   # fatal only: a failure is our one-line BuildDirError, not ORT's log
+    try:
+        return ort.InferenceSession(str(model), options, providers=providers)
+    except Exception as exc:   # onnxruntime raises its own types (Fail, InvalidProtobuf, RuntimeException...)
+        raise BuildDirError(f"{model}: onnxruntime cannot load the model ({_first_line(exc)}); the build is "
+                            f"damaged or incomplete: check it with `l4compile verify {directory}`, "
+                            "or rebuild it") from None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:300]

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from l4compile.runtime.errors import RuntimeInputError
+from l4compile.runtime import options
 
 
 @dataclass(frozen=True)
@@ -16,12 +16,9 @@ class Sampling:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.temperature < 0:
-            raise RuntimeInputError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise RuntimeInputError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise RuntimeInputError(f"top_p must be in (0, 1], got {self.top_p}")
+        object.__setattr__(self, "temperature", options.temperature(self.temperature))
+        object.__setattr__(self, "top_k", options.top_k(self.top_k))
+        object.__setattr__(self, "top_p", options.top_p(self.top_p))
 
     def choose(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """logits [batch, vocab] -> token ids [batch]."""

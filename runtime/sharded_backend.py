@@ -34,6 +34,7 @@ class ShardedOnnxRuntimeBackend:
     def load(cls, directory: Path, manifest: Manifest, providers: list[str] | None = None,
              threads: int | None = None) -> "ShardedOnnxRuntimeBackend":
         import onnxruntime as ort
+        from l4compile.runtime.ort_backend import create_session
         providers = providers or ["CPUExecutionProvider"]
         if manifest.dtype == "bfloat16" and providers == ["CPUExecutionProvider"]:
             raise BuildDirError(f"{directory}: a bfloat16 build needs a GPU execution provider (onnxruntime's CPU "
@@ -48,7 +49,7 @@ class ShardedOnnxRuntimeBackend:
                 path = Path(directory) / folder / name
                 if not path.is_file():
                     raise BuildDirError(f"{directory}: segment {folder}/{name} of the sharded build is missing")
-                sessions.append(ort.InferenceSession(str(path), options, providers=providers))
+                sessions.append(create_session(path, options, providers, directory))
             ranks.append(sessions)
         return cls(manifest, ranks)
 

@@ -22,6 +22,7 @@ from l4compile.ir.graph import Graph, Value
 from l4compile.ir.op import ONNX_DTYPES, OnnxBuilder, get_op
 from l4compile.ir.types import TensorType
 from l4compile.progress import Task
+from l4compile.runtime.integrity import HashingWriter
 from l4compile.weights.base import WeightSource
 from l4compile.weights.derived import with_derived
 
@@ -37,6 +38,7 @@ class OnnxArtifact:
     tensors: int
     largest_tensor_bytes: int
     metadata: dict[str, str] = field(default_factory=dict)
+    data_sha256: str | None = None   # of the data file, hashed as it was written (None: nothing written)
 
 
 def _value_info(name: str, t: TensorType) -> onnx.ValueInfoProto:
@@ -82,7 +84,7 @@ def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
 
     offset, largest = 0, 0
     params = graph.params()
-    sink = open(out_dir / data_file, "wb") if (weights is not None and out_dir is not None) else None
+    sink = HashingWriter(open(out_dir / data_file, "wb")) if (weights is not None and out_dir is not None) else None
     try:
         for param in params:
             offset = -(-offset // ALIGN) * ALIGN
@@ -126,4 +128,5 @@ def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
     model.ir_version = 10  # opset 21; readable by onnxruntime >= 1.18
     meta = {**graph.metadata, **(metadata or {})}
     helper.set_model_props(model, meta)
-    return OnnxArtifact(model, data_file, offset, len(params), largest, meta)
+    return OnnxArtifact(model, data_file, offset, len(params), largest, meta,
+                        sink.hexdigest() if sink is not None else None)

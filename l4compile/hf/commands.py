@@ -22,6 +22,8 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
         print(text, end="")
         return 0
     out = Path(args.output)
+    if out.is_dir():
+        raise BuildError(f"{out} is a directory; -o takes the spec file to write (e.g. {out / (name + '.yaml')})")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote spec {name} -> {out}")

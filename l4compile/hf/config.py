@@ -20,6 +20,7 @@ from l4compile.hf.config_reader import ConfigSection
 from l4compile.hf.config_rope import read_rope, rope_parameters
 from l4compile.spec.dump import dump_spec_yaml
 from l4compile.spec.loader import loads_spec
+from l4compile.spec.model import MAX_LAYERS
 from l4compile.spec.model import (AttentionSpec, ModelSpec, MoESpec, TemperatureTuning, TokenSpec,
                                   VisionSpec)
 from l4compile.spec.patterns import find_moe_step, find_nope_interval, moe_layers_from_step
@@ -69,6 +70,9 @@ def _read_text(text: ConfigSection) -> dict:
     text.expect("hidden_act", "silu", "Llama 4's SwiGLU feed-forward")
     text.expect("attention_bias", False, "Llama 4's projections have no bias")
     num_layers = text.int("num_hidden_layers")
+    if num_layers > MAX_LAYERS:
+        raise text.error("num_hidden_layers", f"expected at most {MAX_LAYERS:,} (the most layers a build holds), "
+                                              f"found {num_layers:,}")
     hidden, heads = text.int("hidden_size"), text.int("num_attention_heads")
     kv_heads = heads if text.raw("num_key_value_heads") is None else text.int("num_key_value_heads")
     head_dim = hidden // heads if text.raw("head_dim") is None else text.int("head_dim")

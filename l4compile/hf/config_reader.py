@@ -11,6 +11,7 @@ import math
 from typing import Any, Iterable
 
 from l4compile.errors import SpecError
+from l4compile.spec.yamlnode import MAX_SIZE
 
 REQUIRED = object()  # a default that means "this key must be given"
 
@@ -60,6 +61,8 @@ class ConfigSection:
             return None
         if isinstance(value, float) and value.is_integer():
             value = int(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value > MAX_SIZE:
+            raise self.error(key, f"expected at most {MAX_SIZE:,} (the largest size a build can hold), found {value:,}")
         if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
             what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
             raise self.error(key, f"expected {what}{' or null' if nullable else ''}, found {_show(value)}")

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -81,6 +80,8 @@ def export_checkpoint(spec: ModelSpec, tensors: Mapping[str, MappedTensor | Arra
                       dtype: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
     """Write config.json and the safetensors shards of `tensors` (every IR parameter of `spec`)."""
     from l4compile.lower import lower
+    from l4compile.runtime import options
+    max_shard_bytes = options.size("max_shard_bytes", max_shard_bytes)
     if dtype not in EXPORT_DTYPES:
         raise BuildError(f"unsupported export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
     params = lower(spec, dtype, kv_cache=False).params()
@@ -113,7 +114,7 @@ def export_checkpoint(spec: ModelSpec, tensors: Mapping[str, MappedTensor | Arra
                              size_total=sum(plan.nbytes for plan in plans),
                              detail=f"({len(shards)} safetensors file{'s' if len(shards) > 1 else ''})") as task:
             _write_shards(tmp, shards, produce)
-        from l4compile.build import replace_dir
+        from l4compile.outdir import replace_dir
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -140,9 +141,8 @@ def _staging_dir(out_dir: Path) -> Path:
         if foreign:
             raise BuildError(f"{out_dir} exists and holds {foreign[0] or 'a file'}, which an export does not "
                              "write; refusing to overwrite it (choose a new directory)")
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    from l4compile.outdir import staging_dir
+    return staging_dir(out_dir)
 
 
 def _written_by_export(name: str) -> bool:

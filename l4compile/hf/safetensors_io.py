@@ -11,6 +11,7 @@ near one tensor whatever the size of the checkpoint.
 from __future__ import annotations
 
 import json
+import math
 import mmap
 import struct
 from dataclasses import dataclass
@@ -27,9 +28,11 @@ NUMPY_DTYPES: dict[str, np.dtype] = {
     "BF16": np.dtype(ml_dtypes.bfloat16), "F8_E4M3": np.dtype(ml_dtypes.float8_e4m3fn),
     "F8_E5M2": np.dtype(ml_dtypes.float8_e5m2), "I64": np.dtype("<i8"), "I32": np.dtype("<i4"),
     "I16": np.dtype("<i2"), "I8": np.dtype("i1"), "U8": np.dtype("u1"), "BOOL": np.dtype("?"),
+    "U16": np.dtype("<u2"), "U32": np.dtype("<u4"), "U64": np.dtype("<u8"),
 }
 SAFETENSORS_DTYPES = {dtype: code for code, dtype in NUMPY_DTYPES.items()}
 MAX_HEADER_BYTES = 100_000_000  # the limit of the reference implementation
+MAX_TENSOR_BYTES = 2**63 - 1     # offsets and sizes are file positions (the reference: usize with overflow checks)
 CHUNK_BYTES = 64 * 2**20        # bytes mapped and converted at a time
 
 
@@ -50,7 +53,11 @@ class TensorEntry:
 
 
 def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
-    """Tensor entries and metadata of one file; a truncated or corrupt file is a WeightError."""
+    """Tensor entries and metadata of one file, validated as strictly as the reference library
+    (safetensors' `Metadata::validate`): header size within bounds, a JSON object of known dtypes,
+    shapes and offsets; string metadata; offsets that, sorted, tile the data section exactly (no
+    overlap, no gap, no trailing bytes); byte lengths equal to the shape's element count times the
+    dtype's size. Any violation is a WeightError naming the file (and the tensor)."""
     path = Path(path)
     try:
         size = path.stat().st_size
@@ -65,43 +72,85 @@ def read_header(path: Path) -> tuple[dict[str, TensorEntry], dict[str, str]]:
             raw = f.read(length)
     except OSError as exc:
         raise WeightError(f"{path}: cannot read ({exc.strerror})") from None
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise WeightError(f"{path}: corrupt safetensors header (not valid JSON)") from None
-    if not isinstance(header, dict):
-        raise WeightError(f"{path}: corrupt safetensors header (expected a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
+    header = _parse_header(path, raw)
+    metadata = header.pop("__metadata__", None)
+    if metadata is None:
+        metadata = {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise WeightError(f"{path}: corrupt safetensors header (__metadata__ must map names to strings)")
     base = 8 + length
-    entries = {name: _entry(path, name, info, base, size) for name, info in header.items()}
+    entries = {name: _entry(path, name, info, base) for name, info in header.items()}
+    _check_layout(path, entries, base, size)
     return entries, metadata
 
 
-def _entry(path: Path, name: str, info: object, base: int, size: int) -> TensorEntry:
-    """Validate one header entry against the format and the file's size."""
+def _parse_header(path: Path, raw: bytes) -> dict:
+    def unique(pairs: list) -> dict:
+        seen = {}
+        for key, value in pairs:
+            if key in seen:
+                raise WeightError(f"{path}: corrupt safetensors header (key {key!r} given twice)")
+            seen[key] = value
+        return seen
+    if not raw.lstrip(b" ").startswith(b"{"):
+        raise WeightError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    try:
+        header = json.loads(raw.decode("utf-8"), object_pairs_hook=unique)
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+        raise WeightError(f"{path}: corrupt safetensors header (not valid JSON)") from None
+    if not isinstance(header, dict):
+        raise WeightError(f"{path}: corrupt safetensors header (expected a JSON object)")
+    return header
+
+
+def _entry(path: Path, name: str, info: object, base: int) -> TensorEntry:
+    """Validate one header entry on its own (its place among the others: _check_layout)."""
     where = f"tensor {name} in {path}"
     if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= info.keys():
         raise WeightError(f"{where}: corrupt header entry (expected dtype, shape and data_offsets)")
     dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
-    if dtype not in NUMPY_DTYPES:
+    if not isinstance(dtype, str) or dtype not in NUMPY_DTYPES:
         raise WeightError(f"{where}: unknown dtype {dtype!r}")
     if not (isinstance(shape, list) and all(_is_count(d) for d in shape)):
-        raise WeightError(f"{where}: corrupt header entry (shape {shape!r})")
+        raise WeightError(f"{where}: corrupt header entry (shape {_short(shape)})")
     if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)
             and offsets[0] <= offsets[1]):
-        raise WeightError(f"{where}: corrupt header entry (data_offsets {offsets!r})")
-    nbytes = int(np.prod(shape, dtype=np.int64)) * NUMPY_DTYPES[dtype].itemsize
+        raise WeightError(f"{where}: corrupt header entry (data_offsets {_short(offsets)})")
+    nbytes = math.prod(shape) * NUMPY_DTYPES[dtype].itemsize   # exact: Python integers do not overflow
+    if nbytes > MAX_TENSOR_BYTES:
+        raise WeightError(f"{where}: corrupt header entry (shape {_short(shape)} of {dtype} is "
+                          f"{nbytes:.3e} bytes, more than any file can hold)")
     if offsets[1] - offsets[0] != nbytes:
         raise WeightError(f"{where}: corrupt header entry ({offsets[1] - offsets[0]} bytes for "
                           f"{dtype}{shape}, expected {nbytes})")
-    if base + offsets[1] > size:
-        raise WeightError(f"{where}: file is truncated (tensor ends at byte {base + offsets[1]}, "
-                          f"the file has {size})")
     return TensorEntry(name, path, dtype, tuple(shape), base + offsets[0], nbytes)
 
 
+def _check_layout(path: Path, entries: dict[str, TensorEntry], base: int, size: int) -> None:
+    """Sorted by offset, the tensors must follow each other from 0 to the end of the file exactly."""
+    end, previous = base, None
+    for entry in sorted(entries.values(), key=lambda e: (e.start, e.start + e.nbytes)):
+        if entry.start < end:
+            raise WeightError(f"tensor {entry.name} in {path}: corrupt header entry (its data overlaps "
+                              f"tensor {previous})")
+        if entry.start > end:
+            raise WeightError(f"tensor {entry.name} in {path}: corrupt header entry ({entry.start - end} "
+                              f"unused bytes before it{f', after tensor {previous}' if previous else ''})")
+        if entry.start + entry.nbytes > size:
+            raise WeightError(f"tensor {entry.name} in {path}: file is truncated (tensor ends at byte "
+                              f"{entry.start + entry.nbytes}, the file has {size})")
+        end, previous = entry.start + entry.nbytes, entry.name
+    if end != size:
+        raise WeightError(f"{path}: corrupt safetensors file ({size - end} bytes after the last tensor's data)")
+
+
 def _is_count(x: object) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+    return isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_TENSOR_BYTES
+
+
+def _short(value: object) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def read_mapped(file: Path, start: int, dtype: np.dtype, shape: tuple[int, ...], out_dtype: np.dtype,

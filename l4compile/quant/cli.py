@@ -48,7 +48,9 @@ def add_quant_report_command(sub, positive_int) -> None:
     p.add_argument("--batches", type=positive_int, default=4, help="prompt batches (default 4)")
     p.add_argument("--batch-size", type=positive_int, default=2, help="prompts per batch (default 2)")
     p.add_argument("--seq-len", type=positive_int, default=64, help="tokens per prompt (default 64)")
-    p.add_argument("--threads", type=positive_int, help="onnxruntime intra-op threads")
+    from l4compile.runtime import options
+    p.add_argument("--threads", type=options.cli_type(options.threads, int, "a thread count"),
+                   help="onnxruntime intra-op threads")
     p.add_argument("--json", action="store_true", help="machine-readable output (with phase times and warnings)")
     add_progress_args(p)
     p.set_defaults(func=cmd_quant_report)

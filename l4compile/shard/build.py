@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -27,8 +28,10 @@ from l4compile.errors import BuildError
 from l4compile.inspect import format_bytes
 from l4compile.ir.graph import Graph
 from l4compile.ir.ops_collective import DIST_COLLECTIVE
+from l4compile.outdir import check_replaceable, staging_dir
 from l4compile.progress import Task, current
-from l4compile.runtime.manifest import MANIFEST_FILE, Manifest
+from l4compile.runtime import integrity
+from l4compile.runtime.manifest import Manifest
 from l4compile.shard.plan import ShardPlan, local_kv_heads, plan
 from l4compile.shard.segments import bind_external_data, split_at_collectives
 from l4compile.spec.model import ModelSpec
@@ -166,19 +169,16 @@ def build_sharded(spec: ModelSpec, out_dir: Path, weights: WeightSource, options
     out_dir = Path(out_dir)
     progress = current()
     options = resolve_calibration(spec, options, progress.warn)
-    if out_dir.exists() and not (out_dir / MANIFEST_FILE).is_file():
-        raise BuildError(f"{out_dir} exists and is not an l4compile build directory; refusing to overwrite it")
+    check_replaceable(out_dir, options.force)
     graphs = rank_graphs(spec, options, log, weights)
     shard_plan(spec, options, graphs, gpu_memory).raise_if_unfit()
-    parent = out_dir.resolve().parent
-    parent.mkdir(parents=True, exist_ok=True)
-    needed = sum(v.type.nbytes() for g in graphs for v in g.params())
-    if needed > shutil.disk_usage(parent).free:
-        raise BuildError(f"the build needs {format_bytes(needed)} for weights but {parent} has only "
-                         f"{format_bytes(shutil.disk_usage(parent).free)} free")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=parent))
+    tmp = staging_dir(out_dir)
     tensors, largest = 0, 0
     try:
+        needed = sum(v.type.nbytes() for g in graphs for v in g.params())
+        if needed > shutil.disk_usage(tmp).free:
+            raise BuildError(f"the build needs {format_bytes(needed)} for weights but {tmp.parent} has only "
+                             f"{format_bytes(shutil.disk_usage(tmp).free)} free")
         with progress.phase("write weights", total=sum(len(g.params()) for g in graphs), unit="tensor",
                             size_total=needed, detail=f"({options.tp} ranks)") as task:
             for rank, graph in enumerate(graphs):
@@ -190,7 +190,10 @@ def build_sharded(spec: ModelSpec, out_dir: Path, weights: WeightSource, options
             top, ranks = _finish_trt(tmp, out_dir, top, ranks, options)
         for rank, manifest in enumerate(ranks):
             manifest.write(tmp / RANK_DIR.format(rank=rank))
-        top.write(tmp)
+        dataclasses.replace(top, checksums=integrity.record(tmp)).write(tmp)
+        notice = check_replaceable(out_dir, options.force)
+        if notice:
+            print(f"l4compile: {notice}", file=sys.stderr)
         replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

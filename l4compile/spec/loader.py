@@ -12,8 +12,8 @@ from yaml.nodes import ScalarNode
 
 from l4compile.errors import SpecError
 from l4compile.spec.extras import TOKEN_FIELDS, VISION_FIELDS, read_tokens, read_vision
-from l4compile.spec.model import (AttentionSpec, ModelSpec, MoESpec, RopeScaling, RopeSpec,
-                                  TemperatureTuning)
+from l4compile.spec.model import (MAX_LAYERS, MAX_WEIGHT_BYTES, AttentionSpec, ModelSpec, MoESpec,
+                                  RopeScaling, RopeSpec, TemperatureTuning)
 from l4compile.spec.patterns import moe_layers_from_step, nope_layers_from_interval
 from l4compile.spec.yamlnode import (Section, compose_document, default_of, describe, is_null,
                                      scalar_value)
@@ -58,13 +58,25 @@ def loads_spec(text: str, source: str = "<string>") -> ModelSpec:
     spec = _read_text(text_sec)
     tokens = read_tokens(top.section("tokens", TOKEN_FIELDS, nullable=True), spec["vocab_size"])
     vision = read_vision(top.section("vision", VISION_FIELDS, nullable=True))
-    return ModelSpec(name=name, description=description, estimate=estimate, tokens=tokens,
-                     vision=vision, source=None if source == "<string>" else source, **spec)
+    model = ModelSpec(name=name, description=description, estimate=estimate, tokens=tokens,
+                      vision=vision, source=None if source == "<string>" else source, **spec)
+    _check_total_size(model, text_sec)
+    return model
+
+
+def _check_total_size(spec: ModelSpec, sec: Section) -> None:
+    """Every weight, in float32, must be addressable with int64 byte offsets."""
+    from l4compile.spec.params import params_breakdown
+    total = 4 * sum(params_breakdown(spec).values())
+    if total > MAX_WEIGHT_BYTES:
+        raise SpecError(f"the model's weights take {total:.3e} bytes in float32, more than a build can address "
+                        f"(2**63 - 1); reduce the sizes", file=sec.file, line=sec.line, field="text")
 
 
 def _read_text(sec: Section) -> dict:
     hidden_size = sec.int("hidden_size")
-    num_layers = sec.int("num_layers")
+    num_layers = sec.int("num_layers", maximum=MAX_LAYERS,
+                         why="the most layers a build holds; the published models have 48")
     vocab_size = sec.int("vocab_size")
     attention = _read_attention(sec.section("attention", ATTENTION_FIELDS, required=True),
                                 hidden_size)

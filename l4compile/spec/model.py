@@ -12,6 +12,12 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+# Limits of what a build can hold: the published family has 48 layers (Behemoth's estimate 88); every
+# per-layer structure (graph, manifest, inspect's table) grows with the count. Weights are addressed by
+# int64 byte offsets in the ONNX external-data file.
+MAX_LAYERS = 1024
+MAX_WEIGHT_BYTES = 2**63 - 1
+
 AttentionKind = Literal["chunked", "global"]
 FFNKind = Literal["dense", "moe"]
 

@@ -24,6 +24,10 @@ NULL_TAG = "tag:yaml.org,2002:null"
 # like a number is accepted where a float is expected.
 _PLAIN_FLOAT = re.compile(r"^[-+]?(\d[\d_]*\.?[\d_]*|\.\d[\d_]*)([eE][-+]?\d+)?$")
 _MISSING = object()
+# The largest size a spec field may hold. ONNX and onnxruntime index dimensions with int64, but element
+# counts are products of sizes: keeping each size within int32 (the published family is below 2**24)
+# keeps every tensor's byte size far inside int64. model.py bounds the layers and the total size.
+MAX_SIZE = 2**31 - 1
 
 
 def default_of(cls: type, name: str) -> Any:
@@ -49,6 +53,8 @@ def compose_document(text: str, file: str) -> MappingNode:
         parts = [getattr(exc, "context", None), getattr(exc, "problem", None)]
         problem = ", ".join(p for p in parts if p) or str(exc).splitlines()[0]
         raise SpecError(f"invalid YAML: {problem}", file=file, line=line) from None
+    except RecursionError:   # PyYAML composes recursively: thousands of nested [ or { exhaust the stack
+        raise SpecError("invalid YAML: nested too deeply", file=file) from None
     if root is None:
         raise SpecError("the spec is empty: expected a mapping with name and text",
                         file=file, line=1)
@@ -179,7 +185,8 @@ class Section:
         return scalar_value(node), True
 
     def int(self, key: str, *, default: Any = _MISSING, minimum: int | None = 1,
-            nullable: bool = False) -> Any:
+            nullable: bool = False, maximum: int = MAX_SIZE,
+            why: str = "the largest size a build can hold") -> Any:
         what = "an integer" if minimum is None else _at_least(minimum)
         what += " or null" if nullable else ""
         value, present = self._scalar(key, what, default, nullable)
@@ -189,6 +196,8 @@ class Section:
             raise self.error(key, f"expected {what}, found {describe(self.node(key))}")
         if minimum is not None and value < minimum:
             raise self.error(key, f"expected {what}, found {value}")
+        if value > maximum:
+            raise self.error(key, f"expected at most {maximum:,} ({why}), found {value:,}")
         return value
 
     def float(self, key: str, *, default: Any = _MISSING, positive: bool = True) -> Any:
@@ -239,7 +248,7 @@ class Section:
         out = []
         for item in items:
             value = scalar_value(item) if isinstance(item, ScalarNode) else None
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SIZE:
                 raise self.error(key, f"expected {what}, found {describe(item)}",
                                  line=line_of(item))
             out.append((value, line_of(item)))

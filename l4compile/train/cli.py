@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 
 from l4compile.errors import L4Error, TrainError
+from l4compile.runtime import options
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -35,6 +36,14 @@ def _run_of(resume: Path) -> Path:
     return resume.parent.parent if (resume / COMPLETE).is_file() else resume
 
 
+def _number(name: str, low: float, high: float, **bounds):
+    return options.cli_type(options.number(name, low, high, **bounds), float, "a number")
+
+
+def _count(name: str):
+    return options.cli_type(options.count(name), int, "a non-negative integer")
+
+
 def add_train_command(sub: argparse._SubParsersAction, positive: type) -> None:
     p = sub.add_parser("train", help="train (or fine-tune) a spec's model with torch; torchrun for data parallel "
                                      "(FSDP2)")
@@ -51,25 +60,26 @@ def add_train_command(sub: argparse._SubParsersAction, positive: type) -> None:
     p.add_argument("-o", "--output", help="run directory: spec, metrics.jsonl, checkpoints")
     p.add_argument("--resume", help="continue a run (its latest checkpoint, or a given checkpoints/step-N); "
                                     "writes into it unless -o")
-    p.add_argument("--lr", type=float, default=3e-4, help="peak learning rate (default 3e-4)")
-    p.add_argument("--min-lr-ratio", type=float, default=0.1, help="cosine floor as a fraction of --lr")
-    p.add_argument("--warmup", type=int, default=0, help="linear warmup steps (default 0)")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--beta1", type=float, default=0.9)
-    p.add_argument("--beta2", type=float, default=0.95)
-    p.add_argument("--grad-clip", type=float, default=1.0, help="max gradient norm; 0 disables (default 1.0)")
+    p.add_argument("--lr", type=_number("lr", 0, 10, low_open=True), default=3e-4, help="peak learning rate (default 3e-4)")
+    p.add_argument("--min-lr-ratio", type=_number("min_lr_ratio", 0, 1), default=0.1, help="cosine floor as a fraction of --lr")
+    p.add_argument("--warmup", type=_count("warmup"), default=0, help="linear warmup steps (default 0)")
+    p.add_argument("--weight-decay", type=_number("weight_decay", 0, 100), default=0.1)
+    p.add_argument("--beta1", type=_number("beta1", 0, 1, high_open=True), default=0.9)
+    p.add_argument("--beta2", type=_number("beta2", 0, 1, high_open=True), default=0.95)
+    p.add_argument("--grad-clip", type=_number("grad_clip", 0, 1e30), default=1.0, help="max gradient norm; 0 disables (default 1.0)")
     p.add_argument("--no-aux-loss", dest="aux_loss", action="store_false",
                    help="leave out the router load-balancing loss (router_aux_loss_coef)")
-    p.add_argument("--seed", type=int, default=0, help="weights (--init random), data order, held-out split")
-    p.add_argument("--eval-fraction", type=float, default=0.05, help="held-out share of sequences (default 0.05)")
-    p.add_argument("--eval-every", type=int, default=0, help="evaluate every N steps (default: at the end)")
-    p.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (default: at the end)")
-    p.add_argument("--stop-after", type=int, default=0,
+    p.add_argument("--seed", type=options.cli_type(options.seed, int, "a non-negative integer"), default=0, help="weights (--init random), data order, held-out split")
+    p.add_argument("--eval-fraction", type=_number("eval_fraction", 0, 1, high_open=True), default=0.05, help="held-out share of sequences (default 0.05)")
+    p.add_argument("--eval-every", type=_count("eval_every"), default=0, help="evaluate every N steps (default: at the end)")
+    p.add_argument("--save-every", type=_count("save_every"), default=0, help="checkpoint every N steps (default: at the end)")
+    p.add_argument("--stop-after", type=_count("stop_after"), default=0,
                    help="stop with a checkpoint after N steps of this invocation (resume later)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                    help="float32, or bfloat16 autocast (weights and optimizer stay float32)")
     p.add_argument("--activation-checkpointing", action="store_true", help="recompute each layer in backward")
     p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer")
-    p.add_argument("--threads", type=int, help="torch intra-op threads")
+    p.add_argument("--threads", type=options.cli_type(options.threads, int, "a thread count"),
+                   help="torch intra-op threads")
     p.add_argument("--log-every", type=positive, default=1, help="print a step line every N steps")
     p.set_defaults(func=cmd_train)

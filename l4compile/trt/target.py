@@ -45,7 +45,7 @@ def engine_command(directory: Path, options: EngineOptions, log: Callable[[str],
     manifest = Manifest.read(directory)
     if (manifest.sharding or {}).get("ranks"):   # build --tp N: one multi-device engine per rank
         ranks = [engine_command(directory / folder, options, log) for folder in manifest.sharding["ranks"]]
-        manifest = dataclasses.replace(manifest, backend="tensorrt", trt=ranks[0].trt)
+        manifest = _refresh_checksums(directory, dataclasses.replace(manifest, backend="tensorrt", trt=ranks[0].trt))
         builder.write_atomic(directory / MANIFEST_FILE, (manifest.to_json() + "\n").encode())
         return manifest
     if manifest.target != "trt":
@@ -57,9 +57,20 @@ def engine_command(directory: Path, options: EngineOptions, log: Callable[[str],
                          f"then run: l4compile engine {directory}")
     report = checked(directory, manifest)
     limits = resolve_limits(manifest, options, tuple(sorted(report.quantized_dq_inputs)))
-    manifest = _build(directory, manifest, limits, options.timing_cache, log)
+    manifest = _refresh_checksums(directory, _build(directory, manifest, limits, options.timing_cache, log))
     builder.write_atomic(directory / MANIFEST_FILE, (manifest.to_json() + "\n").encode())
     return manifest
+
+
+def _refresh_checksums(directory: Path, manifest: Manifest) -> Manifest:
+    """The engine command leaves the ONNX models and weights alone (their records are kept, not re-read)
+    and writes engines, reports and rank manifests (recorded afresh)."""
+    if manifest.checksums is None:
+        return manifest
+    from l4compile.runtime import integrity
+    kept = tuple(name for name in manifest.checksums if name.endswith((".onnx", ".onnx.data")))
+    return dataclasses.replace(manifest, checksums=integrity.record(directory, previous=manifest.checksums,
+                                                                   keep=kept))
 
 
 def _build(directory: Path, manifest: Manifest, limits: EngineLimits, timing_cache: Path | None,

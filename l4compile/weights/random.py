@@ -18,7 +18,8 @@ class RandomWeights(WeightSource):
     """
 
     def __init__(self, seed: int = 0) -> None:
-        self.seed = seed
+        from l4compile.runtime import options
+        self.seed = options.integer("seed", seed, 0, options.SEED_MAX)
         self.description = f"random (seed {seed})"
 
     def get(self, param: Value) -> np.ndarray:

@@ -1,0 +1,32 @@
+"""`l4compile verify BUILD`: every file of a build against the size and sha256 its manifest records."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from l4compile.inspect import format_bytes
+from l4compile.runtime import integrity
+from l4compile.runtime.errors import BuildDirError
+from l4compile.runtime.manifest import Manifest
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    directory = Path(args.build)
+    manifest = Manifest.read(directory)
+    if manifest.checksums is None:
+        integrity.check(directory, None, manifest.files)
+        raise BuildDirError(f"{directory}: the manifest records no checksums (built before l4compile recorded "
+                            "them; its files are present): rebuild it to make it verifiable")
+    integrity.check(directory, manifest.checksums, manifest.files, checksums=True)
+    total = sum(info["bytes"] for info in manifest.checksums.values())
+    print(f"{directory}: {len(manifest.checksums)} files, {format_bytes(total)}, sizes and sha256 checksums "
+          "match the manifest")
+    return 0
+
+
+def add_verify_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("verify", help="check every file of a build against the sizes and sha256 checksums "
+                                      "its manifest records")
+    p.add_argument("build", help="build directory")
+    p.set_defaults(func=cmd_verify)
