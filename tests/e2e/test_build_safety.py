@@ -60,9 +60,9 @@ def test_a_build_with_extra_files_is_not_replaced_without_force(built_tiny, tmp_
 
 def test_an_older_build_is_replaced_with_one_line(tmp_path, capsys):
     out = tmp_path / "b"
-    assert main(["build", TINY, "--weights", "random", "-o", str(out)]) == 0
+    assert main(["build", TINY, "--weights", "random", "-o", str(out), "-q"]) == 0
     assert capsys.readouterr().err == ""
-    assert main(["build", TINY, "--weights", "random", "--seed", "3", "-o", str(out)]) == 0
+    assert main(["build", TINY, "--weights", "random", "--seed", "3", "-o", str(out), "-q"]) == 0
     err = capsys.readouterr().err
     assert err == f"l4compile: replacing the older build at {out}\n"
     assert "seed 3" in Manifest.read(out).weights

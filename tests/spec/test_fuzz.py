@@ -107,7 +107,7 @@ def test_dry_run_any_mutation_of_the_tiny_specs(text, tmp_path_factory, capsys, 
     monkeypatch.chdir(work)
     spec_file = work / "spec.yaml"
     spec_file.write_text(text)
-    code = main(["build", str(spec_file), "--dry-run"])
+    code = main(["build", str(spec_file), "--dry-run", "-q"])
     captured = capsys.readouterr()
     check_outcome(code, captured.err, spec_file)
     assert [p.name for p in work.iterdir()] == ["spec.yaml"]
