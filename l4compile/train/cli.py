@@ -15,8 +15,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         import torch  # noqa: F401
     except ImportError:
         raise TrainError("training needs torch: pip install 'l4compile[torch]'") from None
+    from l4compile.progress import QUIET, current
     from l4compile.spec import load_spec
     from l4compile.train.trainer import Trainer, TrainOptions
+    if int(os.environ.get("RANK", "0")) != 0:
+        current().verbosity = QUIET  # rank 0 reports for the job
     try:
         spec = load_spec(args.spec)
         if args.output is None and args.resume is None:
@@ -82,4 +85,6 @@ def add_train_command(sub: argparse._SubParsersAction, positive: type) -> None:
     p.add_argument("--threads", type=options.cli_type(options.threads, int, "a thread count"),
                    help="torch intra-op threads")
     p.add_argument("--log-every", type=positive, default=1, help="print a step line every N steps")
+    from l4compile.progress import add_progress_args
+    add_progress_args(p)
     p.set_defaults(func=cmd_train)

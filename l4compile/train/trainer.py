@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -15,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from l4compile.errors import TrainError
+from l4compile.progress import Progress, current
 from l4compile.spec.model import ModelSpec
 from l4compile.train import checkpoint as ckpt
 from l4compile.train.data import PackedData, find_tokenizer, pack, read_token_stream
@@ -106,7 +106,7 @@ class Trainer:
     def __init__(self, spec: ModelSpec, opts: TrainOptions, out: Path, resume: Path | None = None,
                  log=None) -> None:
         self.spec, self.opts, self.out = spec, opts, out
-        self.log = log or (lambda line: print(line, file=sys.stderr, flush=True))
+        self.log = log   # default: the command's progress reporter (rank 0; nothing with --quiet)
         self.world: World | None = None
         self.resume = resume
 
@@ -153,7 +153,7 @@ class Trainer:
 
     def _log(self, line: str) -> None:
         if self.world is None or self.world.is_main:
-            self.log(line)
+            (self.log or current().note)(line)
 
     def _record(self, entry: dict) -> None:
         if self.world.is_main:
@@ -253,8 +253,14 @@ class Trainer:
         self._log(f"training {self.spec.name}: {len(self.data.train_ids)} train / {len(self.data.eval_ids)} eval "
                   f"sequences of {opts.seq_len}, batch {opts.batch} on {world.size} rank(s), steps "
                   f"{self.start_step + 1}..{opts.steps}")
-        history, done = [], 0
-        step = self.start_step
+        progress = current() if world.is_main else Progress.silent()
+        todo = opts.steps - self.start_step
+        with progress.phase("train", total=min(todo, opts.stop_after or todo), unit="step", size_unit="token") as task:
+            return self._steps(task)
+
+    def _steps(self, task) -> list[dict]:
+        opts, world = self.opts, self.world
+        history, done, step = [], 0, self.start_step
         while step < opts.steps:
             step += 1
             started = time.perf_counter()
@@ -266,6 +272,7 @@ class Trainer:
                 metrics["eval_loss"] = self.evaluate()
             history.append(metrics)
             self._record(metrics)
+            task.advance(1, size=metrics["tokens"])
             if step % opts.log_every == 0 or last:
                 self._log(format_metrics(metrics, opts.steps))
             if last or (opts.save_every and step % opts.save_every == 0):
