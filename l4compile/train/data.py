@@ -26,7 +26,8 @@ TEXT_SUFFIXES = (".txt", ".md", ".text")
 
 @dataclass(frozen=True)
 class Tokenizer:
-    """`bytes`: UTF-8 bytes as ids (a vocabulary of at least 256), or a `tokenizers` tokenizer.json."""
+    """`bytes`: UTF-8 bytes as ids (a vocabulary of at least 256), or a tokenizer.json read by the runtime's
+    tokenizer (`l4compile.runtime.text`, with the tokenizer_config.json beside it when there is one)."""
 
     name: str
     encode_fn: object = None
@@ -48,12 +49,16 @@ class Tokenizer:
         if not path.is_file():
             raise TrainError(f"--tokenizer {where}: no tokenizer.json there (give the file, a directory "
                              "holding it, or 'bytes')")
-        try:
-            from tokenizers import Tokenizer as HFTokenizer
+        try:  # the runtime's tokenizer (with tokenizer_config.json's added tokens): text trains as it will run
+            from l4compile.runtime.errors import BuildDirError
+            from l4compile.runtime.text import Tokenizer as RuntimeTokenizer
         except ImportError:
             raise TrainError("text data needs the tokenizers package: pip install tokenizers") from None
-        tok = HFTokenizer.from_file(str(path))
-        return cls(str(path), lambda text: tok.encode(text, add_special_tokens=False).ids)
+        try:
+            tok = RuntimeTokenizer.load(path, path.parent / "tokenizer_config.json")
+        except (BuildDirError, ImportError) as exc:
+            raise TrainError(f"--tokenizer {where}: {exc}") from None
+        return cls(str(path), lambda text: tok.encode(text, add_special_tokens=False))
 
 
 def find_tokenizer(explicit: str | None, init: str) -> str | None:

@@ -53,3 +53,17 @@ def test_packing_split_and_rank_slices(spec):
     assert sorted(np.concatenate(slices)) == sorted(batch)
     assert not (set(data.global_batch(10, 9)) == set(data.global_batch(0, 9)) and
                 (data.global_batch(10, 9) == data.global_batch(0, 9)).all())  # a new order each epoch
+
+
+def test_text_through_a_tokenizer_json(spec, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {"[UNK]": 0, "hello": 5, "world": 6}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "a.txt").write_text("hello world hello")
+    assert read_token_stream(tmp_path / "a.txt", spec, str(tmp_path)).tolist() == [1, 5, 6, 5, 2]
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "tokenizer.json").write_text("{}")
+    with pytest.raises(TrainError, match="--tokenizer"):
+        read_token_stream(tmp_path / "a.txt", spec, str(tmp_path / "bad"))
