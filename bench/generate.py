@@ -3,10 +3,16 @@
 A random model of specs/bench-16e.yaml (~100M parameters, 16 experts) is created with
 transformers and saved as a checkpoint; l4compile builds it (--weights DIR) and both are timed
 on the same CPU threads: prefill of a 512-token prompt (last-token logits), decode of 128 new
-tokens (greedy, KV cache), peak memory of each engine (a fresh subprocess each, ru_maxrss),
+tokens (greedy, KV cache), peak memory of each engine (a fresh subprocess each, VmHWM),
 and KV-cache bytes at long context.
 
-    python bench/generate.py [--spec specs/bench-16e.yaml] [--pipeline onnx-cpu] [--threads 2]
+The timed model has transformers' own initialisation (std 0.02), whose logits are all near 0: equal
+tokens there prove little. Parity is shown on a second model of the same shapes with O(1)-scale
+weights (N(0, 1/fan_in), as the parity tests draw them: tests/hf/conftest.py), where a missing
+feature changes the tokens: the same prompt and greedy decode on all three engines, compared token
+by token and by the last step's logits. `--parity-only` runs just that.
+
+    python bench/generate.py [--spec specs/bench-16e.yaml] [--pipeline onnx-cpu] [--threads 2] [--parity-only]
 """
 
 from __future__ import annotations
@@ -26,14 +32,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PROMPT, NEW = 512, 128
 
 
-def make_checkpoint(spec_path: Path, directory: Path) -> None:
+def make_checkpoint(spec_path: Path, directory: Path, strong: bool = False) -> None:
+    """transformers' initialisation, or (strong) the parity tests' O(1)-scale weights."""
     import torch
     from transformers import Llama4ForCausalLM, Llama4TextConfig
     from l4compile.hf import hf_config_from_spec
     from l4compile.spec import load_spec
     torch.manual_seed(0)
     config = Llama4TextConfig(**hf_config_from_spec(load_spec(spec_path)))
-    Llama4ForCausalLM(config).eval().save_pretrained(directory)
+    model = Llama4ForCausalLM(config).eval()
+    if strong:
+        sys.path.insert(0, str(ROOT))
+        from tests.hf.conftest import randomize
+        randomize(model, seed=0)
+    model.save_pretrained(directory)
 
 
 def build_ours(spec_path: Path, checkpoint: Path, out: Path, pipeline: str | None) -> None:
@@ -111,6 +123,28 @@ def run(engine, ids: np.ndarray, repeats: int = 3) -> dict:
             "kv_bytes": engine.kv_bytes(cache), "last_logits": logits}
 
 
+def parity(args, spec_path: Path, vocab: int) -> list[str]:
+    """Greedy decode of the strong-weights model on all three engines: lines saying how close they are."""
+    with tempfile.TemporaryDirectory(prefix="l4bench-parity-") as tmp:
+        checkpoint, build_dir = Path(tmp) / "hf", Path(tmp) / "build"
+        make_checkpoint(spec_path, checkpoint, strong=True)
+        build_ours(spec_path, checkpoint, build_dir, args.pipeline)
+        ids = prompt_ids(vocab)
+        results = {kind: run(make_engine(kind, build_dir, checkpoint, args.threads), ids, repeats=1)
+                   for kind in ("ours", "eager", "sdpa")}
+    ours, lines = results["ours"], []
+    scale = np.abs(ours["last_logits"]).max()
+    for kind in ("eager", "sdpa"):
+        theirs = results[kind]
+        same = [a == b for a, b in zip(ours["tokens"], theirs["tokens"])]
+        first = same.index(False) if False in same else None
+        lines.append(f"parity with transformers ({kind}) on O(1)-scale weights: greedy tokens identical over {NEW} "
+                     f"new tokens: {first is None}" + ("" if first is None else f" (first difference at token {first})")
+                     + f"; last step's max |logit diff| {np.abs(ours['last_logits'] - theirs['last_logits']).max():.1e}"
+                     f" (largest |logit| {scale:.1f}); distinct tokens generated: {len(set(ours['tokens']))}")
+    return lines
+
+
 def make_engine(kind: str, build_dir: Path, checkpoint: Path, threads: int):
     return Ours(build_dir, threads) if kind == "ours" else Transformers(checkpoint, kind, threads)
 
@@ -139,6 +173,7 @@ def main() -> None:
     parser.add_argument("--spec", type=Path, default=ROOT / "specs" / "bench-16e.yaml")
     parser.add_argument("--pipeline", default=None, help="l4compile pass pipeline (default: the target's)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--parity-only", action="store_true", help="only the parity run on O(1)-scale weights")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--build-dir", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", type=Path, help=argparse.SUPPRESS)
@@ -151,6 +186,9 @@ def main() -> None:
     from l4compile.inspect import build_report
     from l4compile.spec import load_spec
     spec = load_spec(args.spec)
+    if args.parity_only:
+        print("\n".join(parity(args, args.spec, spec.vocab_size)))
+        return
     with tempfile.TemporaryDirectory(prefix="l4bench-") as tmp:
         checkpoint, build_dir = Path(tmp) / "hf", Path(tmp) / "build"
         make_checkpoint(args.spec, checkpoint)
@@ -179,8 +217,8 @@ def main() -> None:
         print(f"ours vs {r['name']}: prefill {r['prefill_s'] / ours['prefill_s']:.2f}x faster, decode "
               f"{ours['decode_tok_s'] / r['decode_tok_s']:.2f}x faster, peak memory "
               f"{ours['peak_rss_mb'] / r['peak_rss_mb']:.2f}x, KV cache {ours['kv_bytes'] / r['kv_bytes']:.2f}x; "
-              f"greedy tokens identical: {ours['tokens'] == r['tokens']}, "
-              f"max |logit diff| at the last step {np.abs(ours['last_logits'] - r['last_logits']).max():.1e}")
+              f"greedy tokens identical: {ours['tokens'] == r['tokens']} (transformers init: logits near 0, "
+              f"see the parity lines)")
     print(f"KV cache at {PROMPT + NEW} tokens (measured): ours {ours['kv_bytes']} bytes = "
           f"{ours['kv_bytes'] / naive:.3f}x of a cache keeping every layer's history ({naive} bytes)")
     for name in ("scout", "maverick"):
@@ -188,6 +226,7 @@ def main() -> None:
         kv = build_report(full, context=1_000_000)["kv_cache"]
         print(f"{name} at 1M tokens (analytic, bf16): chunk-bounded KV cache {kv['bytes_chunked'] / 1e9:.1f} GB vs "
               f"{kv['bytes_naive'] / 1e9:.1f} GB keeping every layer's history = {kv['ratio']:.3f}x")
+    print("\n".join(parity(args, args.spec, spec.vocab_size)))
 
 
 if __name__ == "__main__":

@@ -45,12 +45,23 @@ def test_weights_are_external_and_streamed(built_tiny):
     assert len(params) > 30 and all(not t.raw_data for t in params)
 
 
+# The CLI's main, then its process's peak RSS (VmHWM, kB) as the last line on stderr.
+WITH_PEAK_RSS = ("import re, sys; from l4compile.cli import main; status = main(sys.argv[1:]); "
+                 "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1], file=sys.stderr); "
+                 "sys.exit(status)")
+# Measured 92-117 MB (bench/dry_run.py); generous, yet far below any full-size weight a dry run must not
+# allocate (Maverick's embedding alone is 2 GB in bfloat16, one layer's experts 21 GB).
+DRY_RUN_PEAK_MB = 400
+
+
 @pytest.mark.parametrize("name", ["maverick", "behemoth", "scout"])
 def test_dry_run_full_size(name, tmp_path):
-    r = cli("build", spec_path(name), "--dry-run", "--dtype", "bfloat16", cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-c", WITH_PEAK_RSS, "build", str(spec_path(name)), "--dry-run",
+                        "--dtype", "bfloat16"], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "nothing written" in r.stdout and "model.onnx.data" in r.stdout
     assert list(tmp_path.iterdir()) == []
+    assert int(r.stderr.strip().splitlines()[-1]) / 1024 < DRY_RUN_PEAK_MB, r.stderr
 
 
 def test_failed_build_leaves_nothing(tmp_path):

@@ -1,17 +1,23 @@
 """Stand-ins for `tensorrt` and cuda-python's runtime, for tests on machines without either.
 
 They record the calls our builder and runtime make and, to run an "engine", execute the build's
-ONNX with onnxruntime. They check our orchestration (which API calls, in which order, with which
-shapes, names, pointers and copies), never TensorRT itself: nothing here says the real parser
-accepts our ONNX or that a real engine computes the same logits. The names follow the TensorRT 10
-and cuda-python APIs our code uses; assumptions the fakes make about TensorRT (that it turns
-`logits_start` into a host-memory shape tensor) are marked.
+ONNX with onnxruntime. Like TensorRT, the fake builder refuses profiles that leave a dynamic input
+without a range, and the fake engine keeps to what was built: an execution context accepts only
+input shapes (and shape-tensor values) inside its optimization profile, and reports each output's
+shape from the dimensions the ONNX declares, resolved from the bound input shapes, with -1 where
+they do not determine it (a data-dependent shape); what onnxruntime computes must have that shape.
+They check our orchestration (which API calls, in which order, with which shapes, names, pointers
+and copies), never TensorRT itself: nothing here says the real parser accepts our ONNX or that a
+real engine computes the same logits. The names follow the TensorRT 10 and cuda-python APIs our
+code uses; assumptions the fakes make about TensorRT (that it turns `logits_start` into a
+host-memory shape tensor and derives the logits' length from its value) are marked.
 """
 
 from __future__ import annotations
 
 import ctypes
 import itertools
+import json
 import sys
 import types
 from pathlib import Path
@@ -22,6 +28,8 @@ import onnx
 SUCCESS = "cudaSuccess"
 PLAN_MAGIC = b"FAKE-TRT-PLAN\n"
 SHAPE_TENSORS = {"logits_start"}   # assumption: the Slice start that decides the logits' length
+# assumption: output dimensions TensorRT computes from input dimensions and shape-tensor values
+COMPUTED_DIMS = {"seq-start": lambda dims, values: dims["seq"] - values["logits_start"]}
 
 
 class Recorder:
@@ -37,13 +45,18 @@ class Recorder:
         return [c for c in self.calls if c[0] == name]
 
 
-def _onnx_inputs(path: str) -> list[tuple[str, tuple[int, ...], int]]:
+def _declared(value) -> tuple[int | str, ...]:
+    """An ONNX value's dimensions: sizes, or symbol names ("" for an unnamed dimension)."""
+    return tuple(d.dim_value if d.HasField("dim_value") else d.dim_param for d in value.type.tensor_type.shape.dim)
+
+
+def _onnx_io(path: str, which: str) -> list[tuple[str, tuple[int | str, ...], int]]:
     model = onnx.load(path, load_external_data=False)
-    out = []
-    for i in model.graph.input:
-        dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim)
-        out.append((i.name, dims, i.type.tensor_type.elem_type))
-    return out
+    return [(v.name, _declared(v), v.type.tensor_type.elem_type) for v in getattr(model.graph, which)]
+
+
+def _static(dims: tuple[int | str, ...]) -> tuple[int, ...]:
+    return tuple(d if isinstance(d, int) else -1 for d in dims)
 
 
 # ---- cuda-python ---------------------------------------------------------------------------
@@ -129,7 +142,7 @@ class _Parser:
             self.errors = [_Parser.reject, _ParserError("", "", "second error")]
             return False
         self.network.onnx_path = path
-        self.network.inputs = [_Tensor(n, dims, n in SHAPE_TENSORS) for n, dims, _ in _onnx_inputs(path)]
+        self.network.inputs = [_Tensor(n, _static(dims), n in SHAPE_TENSORS) for n, dims, _ in _onnx_io(path, "input")]
         return True
 
     @property
@@ -145,6 +158,8 @@ class _Profile:
         self.rec, self.shapes, self.values = rec, {}, {}
 
     def set_shape(self, name, low, opt, high):
+        assert len(low) == len(opt) == len(high) and all(a <= b <= c for a, b, c in zip(low, opt, high)), \
+            (name, low, opt, high)
         self.shapes[name] = (tuple(low), tuple(opt), tuple(high))
 
     def set_shape_input(self, name, low, opt, high):
@@ -214,9 +229,26 @@ class _Builder:
             config.progress_monitor.phase_start("Building", None, 2)
             config.progress_monitor.step_complete("Building", 1)
             config.progress_monitor.phase_finish("Building")
-        if _Builder.fail:
+        if _Builder.fail or not self._profiles_cover(network, config.profiles):
             return None
-        return memoryview(PLAN_MAGIC + f"{network.onnx_path}\n{len(config.profiles)}".encode())
+        plan = {"onnx": network.onnx_path, "profiles": [{"shapes": p.shapes, "values": p.values} for p in config.profiles]}
+        return memoryview(PLAN_MAGIC + json.dumps(plan).encode())
+
+    def _profiles_cover(self, network, profiles) -> bool:
+        """TensorRT's rule: each profile gives every dynamic input a range of its rank and every shape
+        tensor a range of values (a network with dynamic inputs needs at least one profile)."""
+        for tensor in network.inputs:
+            if not tensor.is_shape_tensor and -1 not in tensor.shape:
+                continue
+            for profile in profiles or [_Profile(self.rec)]:
+                if tensor.is_shape_tensor:
+                    covered = tensor.name in profile.values
+                else:
+                    covered = len(profile.shapes.get(tensor.name, ((),))[0]) == len(tensor.shape)
+                if not covered:
+                    self.rec("error", f"no profile range for input {tensor.name}")
+                    return False
+        return True
 
 
 # ---- tensorrt: running -----------------------------------------------------------------------
@@ -229,11 +261,14 @@ class _Engine:
     def __init__(self, onnx_path, profiles, rec, memory):
         import onnxruntime as ort
         self.session = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
-        self.rec, self.memory, self.num_optimization_profiles = rec, memory, profiles
-        self.inputs = {n: (dims, np.dtype(ONNX_TO_NUMPY[t])) for n, dims, t in _onnx_inputs(onnx_path)}
-        model = onnx.load(onnx_path, load_external_data=False)
-        self.outputs = {o.name: np.dtype(ONNX_TO_NUMPY[o.type.tensor_type.elem_type]) for o in model.graph.output}
+        self.rec, self.memory, self.profiles = rec, memory, profiles
+        self.inputs = {n: (dims, np.dtype(ONNX_TO_NUMPY[t])) for n, dims, t in _onnx_io(onnx_path, "input")}
+        self.outputs = {n: (dims, np.dtype(ONNX_TO_NUMPY[t])) for n, dims, t in _onnx_io(onnx_path, "output")}
         self.names = list(self.inputs) + list(self.outputs)
+
+    @property
+    def num_optimization_profiles(self):
+        return len(self.profiles)
 
     @property
     def num_io_tensors(self):
@@ -249,10 +284,10 @@ class _Engine:
         return "HOST" if name in SHAPE_TENSORS else "DEVICE"
 
     def get_tensor_shape(self, name):
-        return self.inputs[name][0] if name in self.inputs else (-1,)
+        return _static({**self.inputs, **self.outputs}[name][0])
 
     def get_tensor_dtype(self, name):
-        return self.inputs[name][1] if name in self.inputs else self.outputs[name]
+        return {**self.inputs, **self.outputs}[name][1]
 
     def create_execution_context(self):
         return _Context(self)
@@ -260,47 +295,92 @@ class _Engine:
 
 class _Context:
     def __init__(self, engine):
-        self.engine, self.shapes, self.addresses, self.results, self.profile = engine, {}, {}, None, None
+        self.engine, self.shapes, self.addresses, self.profile = engine, {}, {}, 0
 
     def set_optimization_profile_async(self, index, stream):
-        assert isinstance(stream, int)
+        assert isinstance(stream, int) and 0 <= index < self.engine.num_optimization_profiles
         self.profile = index
 
     def set_input_shape(self, name, shape):
-        self.shapes[name] = tuple(shape)
-        self.results = None
+        """False (as TensorRT) for a shape outside this context's optimization profile."""
+        shape = tuple(shape)
+        declared = self.engine.inputs[name][0]
+        low, _, high = self.engine.profiles[self.profile]["shapes"].get(name, (declared, declared, declared))
+        if len(shape) != len(declared) or not all(lo <= d <= hi for d, lo, hi in zip(shape, low, high)):
+            self.engine.rec("error", f"{name}: shape {shape} outside profile {self.profile}: {low}..{high}")
+            return False
+        self.shapes[name] = shape
         return True
 
     def set_tensor_address(self, name, pointer):
         self.addresses[name] = pointer
+
+    def _input_shape(self, name):
+        dims = self.engine.inputs[name][0]
+        return self.shapes.get(name, None if any(isinstance(d, str) for d in dims) else dims)
+
+    def _shape_values(self):
+        """The shape tensors' values, read from host memory where they are bound."""
+        return {name: int(np.frombuffer(ctypes.string_at(self.addresses[name], 8), dtype=np.int64)[0])
+                for name in SHAPE_TENSORS if name in self.addresses}
+
+    def get_tensor_shape(self, name):
+        """An input's bound shape; an output's declared dimensions resolved from the inputs, -1 where
+        they do not determine it."""
         if name in self.engine.inputs:
-            self.results = None
+            return self._input_shape(name) or _static(self.engine.inputs[name][0])
+        symbols = {}
+        for input_name, (dims, _) in self.engine.inputs.items():
+            for d, size in zip(dims, self._input_shape(input_name) or ()):
+                if isinstance(d, str) and d:
+                    symbols[d] = size
+        values = self._shape_values()
+        resolved = []
+        for d in self.engine.outputs[name][0]:
+            if isinstance(d, int) or d in symbols:
+                resolved.append(symbols.get(d, d))
+            elif d in COMPUTED_DIMS:
+                try:
+                    resolved.append(COMPUTED_DIMS[d](symbols, values))
+                except KeyError:
+                    resolved.append(-1)
+            else:
+                resolved.append(-1)      # data-dependent: no IOutputAllocator, no size before running
+        return tuple(resolved)
 
     def _read(self, name):
         dims, dtype = self.engine.inputs[name]
-        shape = self.shapes.get(name, dims)
+        shape = self._input_shape(name)
         nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         pointer = self.addresses[name]
         on_host = name in SHAPE_TENSORS
         raw = ctypes.string_at(pointer, nbytes) if on_host else bytes(self.engine.memory[pointer][:nbytes])
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
-    def _compute(self):
-        if self.results is None:
-            feeds = {name: self._read(name) for name in self.engine.inputs}
-            names = list(self.engine.outputs)
-            self.results = dict(zip(names, self.engine.session.run(names, feeds)))
-            self.engine.rec("infer", self.profile, {k: v.shape for k, v in feeds.items()})
-        return self.results
-
-    def get_tensor_shape(self, name):
-        return self._compute()[name].shape
+    def _values_in_profile(self) -> bool:
+        ranges = self.engine.profiles[self.profile]["values"]
+        for name, value in self._shape_values().items():
+            low, _, high = ranges[name]
+            if not low[0] <= value <= high[0]:
+                self.engine.rec("error", f"shape tensor {name} = {value} outside profile {self.profile}")
+                return False
+        return True
 
     def execute_async_v3(self, stream):
         assert isinstance(stream, int)
-        for name, value in self._compute().items():
+        if any(self._input_shape(n) is None for n in self.engine.inputs) or not self._values_in_profile():
+            return False
+        feeds = {name: self._read(name) for name in self.engine.inputs}
+        names = list(self.engine.outputs)
+        results = dict(zip(names, self.engine.session.run(names, feeds)))
+        self.engine.rec("infer", self.profile, {k: v.shape for k, v in feeds.items()})
+        for name, value in results.items():
+            shape = self.get_tensor_shape(name)
+            assert value.shape == shape, f"fake TensorRT: {name} computed {value.shape}, declared {shape}"
             data = np.ascontiguousarray(value).tobytes()
-            self.engine.memory[self.addresses[name]][:len(data)] = data
+            buffer = self.engine.memory[self.addresses[name]]
+            assert len(data) <= len(buffer), f"fake TensorRT: {name} needs {len(data)} bytes, bound {len(buffer)}"
+            buffer[:len(data)] = data
         return True
 
 
@@ -311,8 +391,8 @@ class _Runtime:
     def deserialize_cuda_engine(self, plan):
         if not plan.startswith(PLAN_MAGIC):
             return None
-        path, profiles = plan[len(PLAN_MAGIC):].decode().split("\n")
-        return _Engine(path, int(profiles), self.rec, self.memory)
+        plan = json.loads(plan[len(PLAN_MAGIC):].decode())
+        return _Engine(plan["onnx"], plan["profiles"], self.rec, self.memory)
 
 
 def make_tensorrt(rec: Recorder, memory: dict, version: str = "10.15.1-fake") -> types.ModuleType:

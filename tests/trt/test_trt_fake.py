@@ -1,13 +1,17 @@
 """Engine building and the TensorRT runtime backend, driven through fake `tensorrt` and cuda-python modules.
 
 These prove our orchestration (API calls, profiles, timing cache, atomic files, manifest, buffer binding,
-KV-cache handling) and nothing about TensorRT: the fake "engine" is onnxruntime running the same ONNX.
+KV-cache handling, the errors for shapes an engine cannot run) and nothing about TensorRT: the fake
+"engine" is onnxruntime running the same ONNX, inside the optimization profiles the build asked for and
+with the output shapes the ONNX declares (tests/trt/fakes.py).
 """
 
 from __future__ import annotations
 
 import json
 import sys
+
+import onnx
 
 import numpy as np
 import pytest
@@ -103,7 +107,9 @@ def test_build_target_trt_builds_the_engine_when_tensorrt_is_there(fake_trt, tmp
 
 
 @pytest.mark.parametrize("name", ["tiny-scout", "tiny-maverick"])
-def test_tensorrt_backend_generates_what_onnxruntime_does(fake_trt, trt_copy, name):
+def test_tensorrt_backend_passes_inputs_outputs_and_kv_cache_through_the_engine_intact(fake_trt, trt_copy, name):
+    """The fake engine computes with onnxruntime on the same ONNX, so this shows that the backend's copies,
+    buffer binding, profile choice and KV-cache handling lose nothing, not that TensorRT computes the same."""
     rec, _, cudart = fake_trt
     directory = trt_copy(name)
     engine_command(directory, EngineOptions(precision="fp32", max_batch=2, max_seq=64), log=lambda _: None)
@@ -116,8 +122,41 @@ def test_tensorrt_backend_generates_what_onnxruntime_does(fake_trt, trt_copy, na
     profiles = [call[1] for call in rec.named("infer")]
     assert profiles[:2] == [0, 0] and set(profiles[2:]) == {1}   # logits, prefill, then decode steps
     assert rec.named("cudaMemcpyAsync") and all(n >= 0 for _, _, n in rec.named("cudaMemcpyAsync"))
+    assert rec.named("error") == []
     trt.backend.close()
     assert cudart.memory == {}
+
+
+def test_tensorrt_backend_refuses_shapes_outside_the_engine_profiles(fake_trt, trt_copy):
+    rec, _, _ = fake_trt
+    directory = trt_copy("tiny-scout")
+    engine_command(directory, EngineOptions(precision="fp32", max_batch=1, max_seq=16), log=lambda _: None)
+    engine = Engine.load(directory)
+    outside = r"outside the engine's profile \(max batch 1, max seq 16\); rebuild with l4compile engine"
+    with pytest.raises(RuntimeInputError, match=rf"input input_ids of shape \(2, 4\) is {outside}"):
+        engine.logits(token_ids(2, 4))
+    with pytest.raises(RuntimeInputError, match=rf"input input_ids of shape \(1, 17\) is {outside}"):
+        engine.logits(token_ids(1, 17))
+    # decode runs until the global layer's cache holds 16 positions; the decode profile ends at 15
+    with pytest.raises(RuntimeInputError, match=rf"input past_key.3 of shape \(16, 1, 2, 16\) is {outside}"):
+        engine.generate(token_ids(1, 10), 10, stop_tokens=())
+    assert len(rec.named("error")) == 3
+    np.testing.assert_array_equal(engine.generate(token_ids(1, 10), 6, stop_tokens=()),     # still usable
+                                  Engine.load(directory, backend="onnxruntime").generate(token_ids(1, 10), 6,
+                                                                                         stop_tokens=()))
+
+
+def test_tensorrt_backend_refuses_an_output_of_data_dependent_shape(fake_trt, trt_copy):
+    """An output whose size the input shapes do not fix (TensorRT reports -1 before running) needs an
+    output allocator, which the backend does not have: it says so instead of binding a wrong-sized buffer."""
+    directory = trt_copy("tiny-scout")
+    model = onnx.load(directory / "model.onnx", load_external_data=False)
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    logits.type.tensor_type.shape.dim[1].dim_param = "selected_positions"
+    onnx.save(model, directory / "model.onnx")
+    engine_command(directory, EngineOptions(precision="fp32"), log=lambda _: None)
+    with pytest.raises(RuntimeError, match=r"output logits has a data-dependent shape \(1, -1, 256\)"):
+        Engine.load(directory).logits(token_ids(1, 4))
 
 
 def test_tensorrt_backend_refuses_steps_its_profiles_do_not_cover(fake_trt, trt_copy):
