@@ -77,8 +77,8 @@ def main() -> None:
     for (spec, target), results in runs.items():
         med = {k: statistics.median(r[k] for r in results) for k in results[0] if k != "status"}
         print(f"{spec:<10}{target:<8}{med['process_s']:>7.2f} / {med['process_cpu_s']:<4.2f}"
-              f"{med['imports_s']:>7.2f} / {med['imports_cpu_s']:<4.2f}{med['main_s']:>9.2f} / {med['main_cpu_s']:<4.2f}"
-              f"{med['peak_rss_mb']:>13.0f}")
+              f"{med['imports_s']:>7.2f} / {med['imports_cpu_s']:<4.2f}"
+              f"{med['main_s']:>9.2f} / {med['main_cpu_s']:<4.2f}{med['peak_rss_mb']:>13.0f}")
 
 
 if __name__ == "__main__":

@@ -49,8 +49,8 @@ def test_weights_are_external_and_streamed(built_tiny):
 WITH_PEAK_RSS = ("import re, sys; from l4compile.cli import main; status = main(sys.argv[1:]); "
                  "print(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1], file=sys.stderr); "
                  "sys.exit(status)")
-# Measured 92-117 MB (bench/dry_run.py); generous, yet far below any full-size weight a dry run must not
-# allocate (Maverick's embedding alone is 2 GB in bfloat16, one layer's experts 21 GB).
+# Measured 92-115 MB (bench/dry_run.py, --target onnx); generous, yet far below any full-size weight a dry
+# run must not allocate (Maverick's embedding alone is 2 GB in bfloat16, one layer's experts 21 GB).
 DRY_RUN_PEAK_MB = 400
 
 

@@ -231,7 +231,8 @@ class _Builder:
             config.progress_monitor.phase_finish("Building")
         if _Builder.fail or not self._profiles_cover(network, config.profiles):
             return None
-        plan = {"onnx": network.onnx_path, "profiles": [{"shapes": p.shapes, "values": p.values} for p in config.profiles]}
+        profiles = [{"shapes": p.shapes, "values": p.values} for p in config.profiles]
+        plan = {"onnx": network.onnx_path, "profiles": profiles}
         return memoryview(PLAN_MAGIC + json.dumps(plan).encode())
 
     def _profiles_cover(self, network, profiles) -> bool:
