@@ -16,12 +16,13 @@ import onnx
 
 from l4compile import __version__
 from l4compile.errors import BuildError
-from l4compile.emit.onnx_emitter import emit_onnx
+from l4compile.emit.onnx_emitter import OnnxArtifact, emit_onnx
 from l4compile.ir.graph import Graph
 from l4compile.ir.printer import print_ir
 from l4compile.inspect import build_report, format_bytes
 from l4compile.ir.verify import verify
 from l4compile.lower import lower
+from l4compile.lower_vision import FEATURES, PIXELS, has_image_input, lower_vision, tokens_per_tile
 from l4compile.outdir import check_replaceable, replace_dir, staging_dir
 from l4compile.passes.pipelines import DEFAULT_PIPELINE, run_pipeline
 from l4compile.progress import current
@@ -31,6 +32,7 @@ from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import WeightSource
 
 MODEL_FILE, DATA_FILE = "model.onnx", "model.onnx.data"
+VISION_FILE, VISION_DATA_FILE = "vision.onnx", "vision.onnx.data"   # a spec with a vision tower and image token
 # How the runtime finds the cache in the model (see l4compile.lower): cache tensors are
 # sequence-major [positions, batch, kv_heads, head_dim]; chunked layers see only their chunk.
 KV_CACHE_NAMES = {"layout": ["positions", "batch", "kv_heads", "head_dim"], "past_length": "past_length",
@@ -158,7 +160,40 @@ def _manifest(spec: ModelSpec, graph: Graph, options: BuildOptions, weights: str
         weights=weights, compiler_version=__version__, spec=spec.to_dict(),
         kv_cache=KV_CACHE_NAMES if "past_length" in graph.inputs else None,
         quantization=options.quantization(),
+        vision=_vision_manifest(spec, options) if has_image_input(spec) else None,
     )
+
+
+def _vision_manifest(spec: ModelSpec, options: BuildOptions) -> dict:
+    """How the runtime runs the vision model and fuses its output (manifest field `vision`)."""
+    v = spec.vision
+    return {"files": {"model": VISION_FILE, "weights": VISION_DATA_FILE}, "dtype": options.dtype,
+            "input": PIXELS, "output": FEATURES, "features_input": FEATURES,
+            "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": v.num_channels,
+            "tokens_per_tile": tokens_per_tile(v), "hidden_size": spec.hidden_size, "image_token": spec.tokens.image}
+
+
+def emit_vision(spec: ModelSpec, options: BuildOptions, out_dir: Path | None,
+                weights: WeightSource | None) -> OnnxArtifact:
+    """The vision model beside the text model: never quantized (it stays in the build dtype), checked like it,
+    and against TensorRT's parser table for target trt. Without out_dir (a dry run) nothing is written."""
+    graph = lower_vision(spec, options.dtype)
+    verify(graph)
+    meta = {**_metadata(spec, options), "l4compile.graph": "vision"}
+    meta.pop("l4compile.quantization", None)
+    artifact = emit_onnx(graph, out_dir, weights if out_dir is not None else None, VISION_DATA_FILE, meta,
+                         first_output=FEATURES)
+    with tempfile.TemporaryDirectory(prefix="l4compile-vision-") as scratch:
+        where = Path(out_dir) if out_dir is not None else Path(scratch)
+        if out_dir is None:   # a sparse data file of the real size, as for the text model's dry run
+            with open(where / VISION_DATA_FILE, "wb") as sparse:
+                sparse.truncate(artifact.weight_bytes)
+        onnx.save_model(artifact.model, where / VISION_FILE)
+        onnx.checker.check_model(str(where / VISION_FILE), full_check=True)
+        if options.target == "trt":
+            from l4compile.trt.compat import check_file
+            check_file(where / VISION_FILE).raise_if_incompatible()
+    return artifact
 
 
 def _metadata(spec: ModelSpec, options: BuildOptions) -> dict[str, str]:
@@ -188,7 +223,12 @@ def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] =
                 check_file(Path(tmp) / MODEL_FILE).raise_if_incompatible()
     manifest_bytes = len(_manifest(spec, graph, options, "(dry run)").to_json()) + 1
     files = {MODEL_FILE: artifact.model.ByteSize(), DATA_FILE: artifact.weight_bytes, MANIFEST_FILE: manifest_bytes}
-    return BuildReport(None, files, artifact.tensors, artifact.largest_tensor_bytes, results, dry_run=True,
+    tensors, largest = artifact.tensors, artifact.largest_tensor_bytes
+    if has_image_input(spec):
+        vision = emit_vision(spec, options, None, None)
+        files.update({VISION_FILE: vision.model.ByteSize(), VISION_DATA_FILE: vision.weight_bytes})
+        tensors, largest = tensors + vision.tensors, max(largest, vision.largest_tensor_bytes)
+    return BuildReport(None, files, tensors, largest, results, dry_run=True,
                        pipeline=graph.metadata["l4compile.pipeline"], quantization=options.quantization())
 
 
@@ -245,6 +285,9 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
         with progress.phase("check"):
             onnx.save_model(artifact.model, tmp / MODEL_FILE)
             onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+        if has_image_input(spec):
+            with progress.phase("vision model"):
+                emit_vision(spec, options, tmp, weights)
         manifest = _manifest(spec, graph, options, weights.description)
         if tokenizer_files:
             from l4compile.tokenizer_files import copy_tokenizer

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from l4compile import rope
 from l4compile.ir.graph import Graph
 from l4compile.ir.types import TensorType
+from l4compile.lower_vision import fuse_image_features, has_image_input
 from l4compile.spec.model import LayerSpec, ModelSpec
 
 BATCH, SEQ = "batch", "seq"
@@ -47,6 +48,8 @@ def lower(spec: ModelSpec, dtype: str = "float32", kv_cache: bool = True) -> Gra
         logits_start = g.add_input("logits_start", TensorType("int64", ()))
     x = g.op("embedding", [ids, _param(g, "embed_tokens", (spec.vocab_size, spec.hidden_size), dtype, "embedding")],
              name="embed")
+    if has_image_input(spec):   # early fusion: image features replace the image tokens' embeddings
+        x = fuse_image_features(g, spec, ids, x, dtype)
     shared = _shared_values(g, spec, ids, past_length, dtype)
     for layer in spec.layers:
         x = _decoder_layer(g, spec, layer, x, shared, dtype)

@@ -20,6 +20,7 @@ from l4compile.runtime.kv_cache import KVCache
 from l4compile.runtime.manifest import Manifest
 from l4compile.runtime.sampling import Sampling
 from l4compile.runtime.text_api import TextGeneration
+from l4compile.runtime.vision import VisionEncoder
 
 
 class Engine(TextGeneration):
@@ -29,10 +30,11 @@ class Engine(TextGeneration):
     runtime/text_api.py, over the tokenizer and chat template the build carries.
     """
 
-    def __init__(self, directory: Path, manifest: Manifest, backend) -> None:
+    def __init__(self, directory: Path, manifest: Manifest, backend, vision: VisionEncoder | None = None) -> None:
         self.directory = directory
         self.manifest = manifest
         self.backend = backend
+        self.vision = vision      # the vision model of a multimodal build (runs on onnxruntime), else None
         self._kv = manifest.kv_cache
 
     @classmethod
@@ -58,10 +60,14 @@ class Engine(TextGeneration):
         if sharded and name == "onnxruntime":   # every rank in this process, host-reduced
             from l4compile.runtime.sharded_backend import ShardedOnnxRuntimeBackend
             return cls(directory, manifest, ShardedOnnxRuntimeBackend.load(directory, manifest, providers, threads))
+        vision = VisionEncoder.load(directory, manifest, providers, threads) if manifest.vision else None
         if name == "onnxruntime":
             from l4compile.runtime.ort_backend import OnnxRuntimeBackend
-            return cls(directory, manifest, OnnxRuntimeBackend.load(directory, manifest, providers, threads))
+            return cls(directory, manifest, OnnxRuntimeBackend.load(directory, manifest, providers, threads), vision)
         if name == "tensorrt":
+            if vision is not None:
+                raise BuildDirError(f"{directory}: a vision build runs on onnxruntime only for now "
+                                    "(load it with backend='onnxruntime')")
             from l4compile.runtime.trt_backend import TensorRTBackend
             return cls(directory, manifest, TensorRTBackend.load(directory, manifest))
         raise BuildDirError(f"{directory}: backend {name!r} is not available in this runtime")
@@ -93,41 +99,76 @@ class Engine(TextGeneration):
                                     f"{self.max_context}")
         return ids.astype(np.int64, copy=False)
 
-    # ---- forward passes ---------------------------------------------------
-    def logits(self, ids: np.ndarray) -> np.ndarray:
-        """Full forward: ids int [batch, seq] -> float32 logits [batch, seq, vocab]."""
-        ids = self.check_ids(ids)
-        if self._kv is None:
-            return self.backend.forward(ids)
-        cache = KVCache(self.manifest, ids.shape[0], ids.shape[1])
-        return self._step(ids, cache, logits_start=0)
+    # ---- images -------------------------------------------------------------
+    def encode_images(self, pixel_values: np.ndarray) -> np.ndarray:
+        """Image tiles float [tiles, C, S, S] -> image features [tiles * tokens_per_tile, hidden], which
+        `logits` / `generate` / `stream` take as `image_features` (encode once, reuse)."""
+        if self.vision is None:
+            raise RuntimeInputError(f"{self.directory} is a text-only build: it has no vision model")
+        return self.vision.encode(pixel_values)
 
-    def _step(self, ids: np.ndarray, cache: KVCache, logits_start: int) -> np.ndarray:
-        """Run `ids` after the cached positions; new keys/values go into the cache."""
-        return self.backend.step(ids, cache, logits_start)
+    def _image_features(self, ids: np.ndarray, pixel_values, image_features) -> np.ndarray | None:
+        """The features a prefill fuses at the image tokens of ids (None for a text-only build)."""
+        if self.vision is None:
+            if pixel_values is not None or image_features is not None:
+                raise RuntimeInputError(f"{self.directory} is a text-only build: it takes no images")
+            return None
+        if pixel_values is not None and image_features is not None:
+            raise RuntimeInputError("give pixel_values or image_features, not both")
+        if pixel_values is not None:
+            self.vision.check_pixels(pixel_values)
+            tiles = np.asarray(pixel_values).shape[0]
+            self.vision.check_features(ids, np.zeros((tiles * self.vision.tokens_per_tile, self.vision.hidden_size),
+                                                     np.float32))   # count first: no encoding for a bad prompt
+            image_features = self.vision.encode(pixel_values)
+        return self.vision.check_features(ids, self.vision.empty() if image_features is None else image_features)
+
+    # ---- forward passes ---------------------------------------------------
+    def logits(self, ids: np.ndarray, pixel_values: np.ndarray | None = None,
+               image_features: np.ndarray | None = None) -> np.ndarray:
+        """Full forward: ids int [batch, seq] -> float32 logits [batch, seq, vocab]. A vision build takes the
+        prompt's images as pixel_values [tiles, C, S, S] or as features from `encode_images`; ids hold one image
+        token per feature (tokens_per_tile per tile, in order)."""
+        ids = self.check_ids(ids)
+        features = self._image_features(ids, pixel_values, image_features)
+        if self._kv is None:
+            return self.backend.forward(ids) if features is None else self.backend.forward(ids, features)
+        cache = KVCache(self.manifest, ids.shape[0], ids.shape[1])
+        return self._step(ids, cache, logits_start=0, image_features=features)
+
+    def _step(self, ids: np.ndarray, cache: KVCache, logits_start: int,
+              image_features: np.ndarray | None = None) -> np.ndarray:
+        """Run `ids` after the cached positions; new keys/values go into the cache. A vision build's steps
+        always feed image features (empty when the step has no image)."""
+        if self.vision is None:
+            return self.backend.step(ids, cache, logits_start)
+        features = self.vision.empty() if image_features is None else image_features
+        return self.backend.step(ids, cache, logits_start, image_features=features)
 
     # ---- generation -------------------------------------------------------
     def generate(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
                  top_p: float = 1.0, seed: int | None = None, stop_tokens: tuple[int, ...] | None = None,
-                 callback: Callable[[np.ndarray], None] | None = None) -> np.ndarray:
+                 callback: Callable[[np.ndarray], None] | None = None, pixel_values: np.ndarray | None = None,
+                 image_features: np.ndarray | None = None) -> np.ndarray:
         """ids int [batch, seq] -> [batch, seq + n], n <= max_new_tokens (greedy by default).
 
         Generation stops early once every row has produced a stop token; a finished row is filled
-        with its stop token. `callback` receives each step's new tokens [batch].
+        with its stop token. `callback` receives each step's new tokens [batch]. Images as in `logits`.
         """
         max_new_tokens, seed, stop_tokens = _generation_options(max_new_tokens, seed, stop_tokens)
         sampling = Sampling(temperature, top_k, top_p)
         ids = self.check_ids(ids, extra=max_new_tokens)
+        features = self._image_features(ids, pixel_values, image_features)
         rows = [ids]
-        for tokens in self._decode(ids, max_new_tokens, sampling, seed, stop_tokens):
+        for tokens in self._decode(ids, max_new_tokens, sampling, seed, stop_tokens, features):
             rows.append(tokens[:, None])
             if callback:
                 callback(tokens)
         return np.concatenate(rows, axis=1)
 
     def stream(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-               top_p: float = 1.0, seed: int | None = None,
-               stop_tokens: tuple[int, ...] | None = None) -> Iterator[int]:
+               top_p: float = 1.0, seed: int | None = None, stop_tokens: tuple[int, ...] | None = None,
+               pixel_values: np.ndarray | None = None, image_features: np.ndarray | None = None) -> Iterator[int]:
         """One prompt (ids [seq]); yields each new token as it is decided."""
         max_new_tokens, seed, stop_tokens = _generation_options(max_new_tokens, seed, stop_tokens)
         sampling = Sampling(temperature, top_k, top_p)
@@ -135,11 +176,12 @@ class Engine(TextGeneration):
         if ids.ndim != 1:
             raise RuntimeInputError(f"stream takes one prompt of shape [seq], got shape {ids.shape}")
         ids = self.check_ids(ids[None], extra=max_new_tokens)
-        for tokens in self._decode(ids, max_new_tokens, sampling, seed, stop_tokens):
+        features = self._image_features(ids, pixel_values, image_features)
+        for tokens in self._decode(ids, max_new_tokens, sampling, seed, stop_tokens, features):
             yield int(tokens[0])
 
     def _decode(self, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, seed: int | None,
-                stop_tokens: tuple[int, ...] | None) -> Iterator[np.ndarray]:
+                stop_tokens: tuple[int, ...] | None, image_features: np.ndarray | None = None) -> Iterator[np.ndarray]:
         if self._kv is None:
             raise BuildDirError(f"{self.directory}: this build has no KV cache; rebuild it to generate")
         stops = np.array(sorted(set(stop_tokens if stop_tokens is not None else self.manifest.tokens.get("eos") or [])),
@@ -150,7 +192,8 @@ class Engine(TextGeneration):
         last = np.zeros(ids.shape[0], dtype=np.int64)
         step_ids, start = ids, ids.shape[1] - 1
         for _ in range(max_new_tokens):
-            logits = self._step(step_ids, cache, logits_start=start)[:, -1]
+            logits = self._step(step_ids, cache, logits_start=start, image_features=image_features)[:, -1]
+            image_features = None   # fused at the prefill; decode steps embed their tokens as text
             tokens = np.where(done, last, sampling.choose(logits, rng)).astype(np.int64)
             yield tokens
             done |= np.isin(tokens, stops)

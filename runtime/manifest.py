@@ -63,6 +63,9 @@ class Manifest:
     # every file of the build but the manifest: {name: {"bytes": int, "sha256": hex}} (runtime/integrity.py);
     # None in builds written before it existed
     checksums: dict[str, dict[str, Any]] | None = None
+    # a build with a vision tower: its model files, input/output names, tile geometry and the image token
+    # (l4compile.build._vision_manifest); None: a text-only build
+    vision: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps({"format": FORMAT, "format_version": FORMAT_VERSION, **asdict(self)}, indent=2)

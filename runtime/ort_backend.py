@@ -17,6 +17,7 @@ class OnnxRuntimeBackend:
     def __init__(self, manifest: Manifest, session) -> None:
         self._session = session
         self._kv = kv = manifest.kv_cache
+        self._features = (manifest.vision or {}).get("features_input")
         # Input and output names per layer, formatted once rather than on every decode step.
         self._past = {layer.index: (kv["past_key"].format(i=layer.index), kv["past_value"].format(i=layer.index))
                       for layer in manifest.layers} if kv else {}
@@ -46,15 +47,20 @@ class OnnxRuntimeBackend:
             options.add_session_config_entry("session.disable_quant_qdq", "1")
         return cls(manifest, create_session(model, options, providers, directory))
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
+    def forward(self, ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         """A build without a KV cache: ids -> logits."""
-        return self._session.run(["logits"], {"input_ids": ids})[0]
+        feeds = {"input_ids": ids} if image_features is None else {"input_ids": ids, self._features: image_features}
+        return self._session.run(["logits"], feeds)[0]
 
-    def step(self, ids: np.ndarray, cache: KVCache, logits_start: int) -> np.ndarray:
-        """Run `ids` after the cached positions; new keys/values go into the cache."""
+    def step(self, ids: np.ndarray, cache: KVCache, logits_start: int,
+             image_features: np.ndarray | None = None) -> np.ndarray:
+        """Run `ids` after the cached positions; new keys/values go into the cache. A vision build's text model
+        also reads image features (fused at the image tokens; [0, hidden] for a step without images)."""
         kv = self._kv
         io = self._session.io_binding()
         io.bind_cpu_input("input_ids", ids)
+        if image_features is not None:
+            io.bind_cpu_input(self._features, image_features)
         io.bind_cpu_input(kv["past_length"], np.array(cache.length, dtype=np.int64))
         io.bind_cpu_input(kv["logits_start"], np.array(logits_start, dtype=np.int64))
         for layer, (keys, values) in zip(cache.layers, cache.views()):

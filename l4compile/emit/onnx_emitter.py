@@ -70,10 +70,11 @@ def _write_tensor(out: BinaryIO, param: Value, array: np.ndarray) -> int:
 
 def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
               data_file: str = "model.onnx.data", metadata: dict[str, str] | None = None,
-              progress: Task | None = None, logits_first: bool = True) -> OnnxArtifact:
+              progress: Task | None = None, logits_first: bool = True, first_output: str = "logits") -> OnnxArtifact:
     """Lower every IR node to ONNX; stream parameters into out_dir/data_file (skipped when weights is None).
     `progress` (a phase of `l4compile.progress`) advances by one tensor and its bytes per tensor written.
-    The first graph output is named `logits` unless `logits_first` is False (a segment of a sharded build)."""
+    The first graph output is named `first_output` (`logits` by default; passes may have renamed the value)
+    unless `logits_first` is False (a segment of a sharded build)."""
     b = OnnxBuilder(OPSET)
     weights = with_derived(weights) if weights is not None else None
     env = {name: name for name in graph.inputs}
@@ -110,7 +111,7 @@ def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
 
     outputs = []
     for name in graph.outputs:
-        public = "logits" if name == graph.outputs[0] and logits_first else name
+        public = first_output if name == graph.outputs[0] and logits_first else name
         b.scope = "outputs"
         b.nodes.append(helper.make_node("Identity", [env[name]], [public], name=f"output/{public}"))
         outputs.append(_value_info(public, graph.values[name].type))

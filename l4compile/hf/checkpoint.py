@@ -46,15 +46,17 @@ class HFCheckpoint(WeightSource):
         (if any) describes the same math, every parameter is there with its shape, nothing is left over."""
         from l4compile.hf.config import check_config_matches
         from l4compile.lower import lower
+        from l4compile.lower_vision import has_image_input, lower_vision
         checkpoint = cls(directory)
         check_config_matches(checkpoint.directory, spec)
-        checkpoint.verify(lower(spec, dtype).params(), spec.tie_word_embeddings)
+        params = lower(spec, dtype).params() + (lower_vision(spec, dtype).params() if has_image_input(spec) else [])
+        checkpoint.verify(params, spec.tie_word_embeddings)
         return checkpoint
 
     def entry_for(self, param: Value) -> tuple[TensorEntry, bool]:
         """The checkpoint tensor behind an IR parameter (shape-checked) and whether it is transposed."""
         mapping = hf_name_of(param.name)
-        name = self.prefix + mapping.hf_name
+        name = (self.prefix if mapping.text else "") + mapping.hf_name
         entry = self.entries.get(name)
         if entry is None:
             raise WeightError(f"missing tensor {name} (for parameter {param.name}): not in {self.where}")

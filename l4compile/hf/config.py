@@ -148,6 +148,8 @@ def _read_vision(vision: ConfigSection) -> VisionSpec:
     vision.expect("hidden_act", "gelu", "the Llama 4 vision encoder's MLP")
     vision.expect("multi_modal_projector_bias", False, "Llama 4's projector has no bias")
     vision.expect("vision_feature_select_strategy", "default", "the only strategy Llama 4 uses")
+    vision.expect("vision_feature_layer", -1, "features come from the last encoder layer")
+    vision.expect("norm_eps", 1e-5, "transformers builds the vision LayerNorms with eps 1e-5 whatever norm_eps says")
     values = {field: vision.int(key) for field, key in VISION_FIELDS.items()
               if key not in ("pixel_shuffle_ratio", "norm_eps")}
     rope = read_rope(vision)
@@ -208,6 +210,26 @@ def hf_config_from_spec(spec: ModelSpec, dtype: str = "float32") -> dict:
         "bos_token_id": spec.tokens.bos, "eos_token_id": eos[0] if len(eos) == 1 else (eos or None),
         "pad_token_id": spec.tokens.pad,
     }
+
+
+def hf_multimodal_config_from_spec(spec: ModelSpec, dtype: str = "float32") -> dict:
+    """The config.json of the Llama4ForConditionalGeneration that computes what `spec` (with vision) computes."""
+    text = hf_config_from_spec(spec, dtype)
+    text.pop("architectures")
+    v = spec.vision
+    vision = {
+        "model_type": "llama4_vision_model", "hidden_act": "gelu", "hidden_size": v.hidden_size,
+        "num_hidden_layers": v.num_layers, "num_attention_heads": v.num_heads, "num_channels": v.num_channels,
+        "intermediate_size": v.intermediate_size, "vision_output_dim": v.vision_output_dim,
+        "image_size": v.image_size, "patch_size": v.patch_size, "norm_eps": v.norm_eps,
+        "pixel_shuffle_ratio": v.pixel_shuffle_ratio, "projector_input_dim": v.projector_input_dim,
+        "projector_output_dim": v.projector_output_dim, "multi_modal_projector_bias": False,
+        "vision_feature_select_strategy": "default", "vision_feature_layer": -1,
+        "rope_parameters": {"rope_type": "default", "rope_theta": v.rope_theta},
+    }
+    return {"architectures": ["Llama4ForConditionalGeneration"], "model_type": MULTIMODAL_TYPE, "dtype": dtype,
+            "text_config": text, "vision_config": vision, "image_token_index": spec.tokens.image,
+            "tie_word_embeddings": spec.tie_word_embeddings, "pad_token_id": spec.tokens.pad}
 
 
 def math_fields(spec: ModelSpec) -> dict[str, object]:

@@ -1,4 +1,5 @@
-"""Export weights as a Hugging Face checkpoint that `Llama4ForCausalLM.from_pretrained` loads.
+"""Export weights as a Hugging Face checkpoint that `Llama4ForCausalLM.from_pretrained` loads (or, for a
+spec with a vision tower, `Llama4ForConditionalGeneration.from_pretrained`).
 
 This is how trained weights leave the project: from a build directory (the
 weights in its ONNX external-data file), from a training run of `l4compile train`
@@ -20,12 +21,12 @@ import numpy as np
 
 from l4compile.errors import BuildError, WeightError
 from l4compile.hf.checkpoint import INDEX_FILE
-from l4compile.hf.config import CONFIG_FILE, hf_config_from_spec
+from l4compile.hf.config import CONFIG_FILE, hf_config_from_spec, hf_multimodal_config_from_spec
 from l4compile.hf.safetensors_io import TensorPlan, read_mapped, write_safetensors
 from l4compile.progress import current
 from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import numpy_dtype
-from l4compile.weights.hf_mapping import hf_name_of
+from l4compile.weights.hf_mapping import MULTIMODAL_PREFIX, hf_name_of
 
 EXPORT_DTYPES = ("float32", "float16", "bfloat16")
 DEFAULT_MAX_SHARD_BYTES = 5 * 10**9
@@ -80,11 +81,13 @@ def export_checkpoint(spec: ModelSpec, tensors: Mapping[str, MappedTensor | Arra
                       dtype: str, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES) -> ExportReport:
     """Write config.json and the safetensors shards of `tensors` (every IR parameter of `spec`)."""
     from l4compile.lower import lower
+    from l4compile.lower_vision import has_image_input, lower_vision
     from l4compile.runtime import options
     max_shard_bytes = options.size("max_shard_bytes", max_shard_bytes)
     if dtype not in EXPORT_DTYPES:
         raise BuildError(f"unsupported export dtype {dtype!r}; choose one of {', '.join(EXPORT_DTYPES)}")
-    params = lower(spec, dtype, kv_cache=False).params()
+    multimodal = has_image_input(spec)   # a Llama4ForConditionalGeneration: text names under language_model.
+    params = lower(spec, dtype, kv_cache=False).params() + (lower_vision(spec, dtype).params() if multimodal else [])
     _check_names({p.name for p in params}, set(tensors))
     out_type = numpy_dtype(dtype)
     plans, sources = [], {}
@@ -95,8 +98,9 @@ def export_checkpoint(spec: ModelSpec, tensors: Mapping[str, MappedTensor | Arra
             raise WeightError(f"tensor {param.name}: shape {list(source.shape)}, the spec needs "
                               f"{list(param.type.shape)}")
         shape = tuple(param.type.shape)[::-1] if mapping.transpose else tuple(param.type.shape)
-        plans.append(TensorPlan(mapping.hf_name, out_type, shape))
-        sources[mapping.hf_name] = (source, mapping.transpose)
+        hf_name = (MULTIMODAL_PREFIX if multimodal and mapping.text else "") + mapping.hf_name
+        plans.append(TensorPlan(hf_name, out_type, shape))
+        sources[hf_name] = (source, mapping.transpose)
 
     def produce(plan: TensorPlan) -> np.ndarray:
         source, transpose = sources[plan.name]
@@ -108,7 +112,7 @@ def export_checkpoint(spec: ModelSpec, tensors: Mapping[str, MappedTensor | Arra
     tmp = _staging_dir(out_dir)
     shards = _shards(plans, max_shard_bytes)
     try:
-        config = hf_config_from_spec(spec, dtype)
+        config = hf_multimodal_config_from_spec(spec, dtype) if multimodal else hf_config_from_spec(spec, dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         with current().phase("write shards", total=len(plans), unit="tensor",
                              size_total=sum(plan.nbytes for plan in plans),
@@ -211,11 +215,13 @@ def read_build(build_dir: Path) -> tuple[str, ModelSpec, dict[str, MappedTensor]
     from l4compile.spec.loader import loads_spec
     manifest = Manifest.read(build_dir)
     spec = loads_spec(yaml.safe_dump(manifest.spec, sort_keys=False), source=str(build_dir / "manifest.json"))
-    model = onnx.load(str(build_dir / manifest.files["model"]), load_external_data=False)
+    models = [manifest.files["model"]] + ([manifest.vision["files"]["model"]] if manifest.vision else [])
     onnx_dtypes = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16",
                    onnx.TensorProto.BFLOAT16: "bfloat16"}
     tensors: dict[str, MappedTensor] = {}
-    for init in model.graph.initializer:
+    initializers = [init for file in models
+                    for init in onnx.load(str(build_dir / file), load_external_data=False).graph.initializer]
+    for init in initializers:
         if init.data_location != onnx.TensorProto.EXTERNAL:
             continue  # small constants of the graph, not parameters
         where = {entry.key: entry.value for entry in init.external_data}

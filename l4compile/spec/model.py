@@ -73,7 +73,8 @@ class MoESpec:
 
 @dataclass(frozen=True)
 class VisionSpec:
-    """The vision tower (carried for accounting now, compiled in its own issue)."""
+    """The vision tower, lowered to its own graph by `l4compile.lower_vision` (with `tokens.image` set, the text
+    graph fuses its features at the image tokens)."""
 
     image_size: int = 336
     patch_size: int = 14

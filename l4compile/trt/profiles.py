@@ -110,9 +110,10 @@ def profiles(manifest: Manifest, limits: EngineLimits) -> list[Profile]:
     b, s = limits.max_batch, limits.max_seq
     chunks = [layer.kv_capacity for layer in manifest.layers if layer.kv_capacity]
     chunk_past = min(min(chunks), s) - 1 if chunks else s - 1
-    prefill = {"batch": (1, b, b), "seq": (1, max(1, s // 2), s), "past_chunk": (0, 0, 0), "past": (0, 0, 0)}
+    prefill = {"batch": (1, b, b), "seq": (1, max(1, s // 2), s), "past_chunk": (0, 0, 0), "past": (0, 0, 0),
+               "image_tokens": (0, 0, b * s)}   # image features fused at the input (a vision build)
     decode = {"batch": (1, b, b), "seq": (1, 1, 1), "past_chunk": (0, chunk_past // 2, chunk_past),
-              "past": (0, (s - 1) // 2, s - 1)}
+              "past": (0, (s - 1) // 2, s - 1), "image_tokens": (0, 0, 0)}
     kv = manifest.kv_cache
     result = [_profile("prefill", manifest, prefill, {} if kv is None else {
         kv["past_length"]: (0, 0, 0), kv["logits_start"]: (0, prefill["seq"][1] - 1, s - 1)})]

@@ -15,15 +15,21 @@ MULTIMODAL_PREFIX = "language_model."
 VISION_PREFIXES = ("vision_model.", "multi_modal_projector.")
 
 
+VISION_LINEARS = ("_proj.weight", ".fc1.weight", ".fc2.weight", ".linear.weight", ".linear_1.weight")
+
+
 @dataclass(frozen=True)
 class TensorMapping:
     ir_name: str
     hf_name: str          # without the multimodal prefix
     transpose: bool       # HF [out, in] <-> IR [in, out]
+    text: bool = True     # a text-model tensor (under `language_model.` in a multimodal checkpoint)
 
 
 def hf_name_of(ir_name: str) -> TensorMapping:
     """The HF tensor behind one IR parameter name."""
+    if ir_name.startswith(VISION_PREFIXES):   # the vision graph uses the checkpoint's own names
+        return TensorMapping(ir_name, ir_name, transpose=ir_name.endswith(VISION_LINEARS), text=False)
     if ir_name == "lm_head":
         return TensorMapping(ir_name, "lm_head.weight", transpose=True)
     if ir_name.endswith(("experts.gate_up_proj", "experts.down_proj")):

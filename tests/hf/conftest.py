@@ -51,9 +51,9 @@ def causal_lm(seed: int = 0, **overrides):
     return randomize(Llama4ForCausalLM(text_config(**overrides)), seed)
 
 
-def multimodal(seed: int = 0, **overrides):
+def multimodal(seed: int = 0, vision: dict | None = None, **overrides):
     from transformers import Llama4Config, Llama4ForConditionalGeneration
-    config = Llama4Config(text_config=text_config(**overrides).to_dict(), vision_config=TINY_VISION,
+    config = Llama4Config(text_config=text_config(**overrides).to_dict(), vision_config={**TINY_VISION, **(vision or {})},
                           image_token_index=95)
     torch.manual_seed(seed)
     return randomize(Llama4ForConditionalGeneration(config), seed)

@@ -190,6 +190,11 @@ MULTIMODAL_ERRORS = {
     "vision_config.intermediate_size": _set("vision_config.intermediate_size", 60),  # not 16 / 0.5**2
     "vision_config.multi_modal_projector_bias": _set("vision_config.multi_modal_projector_bias", True),
     "text_config.attention_bias": _set("text_config.attention_bias", True),
+    "vision_config.vision_feature_layer": _set("vision_config.vision_feature_layer", -2),
+    "vision_config.vision_feature_select_strategy": _set("vision_config.vision_feature_select_strategy", "full"),
+    "vision_config.norm_eps": _set("vision_config.norm_eps", 1e-6),   # transformers' LayerNorms ignore it
+    "vision_config.pixel_shuffle_ratio": _set("vision_config.pixel_shuffle_ratio", 0.25),
+    "vision_config.projector_output_dim": _set("vision_config.projector_output_dim", 48),
 }
 
 

@@ -71,6 +71,15 @@ CASES = {
                           {"chunk_size": 8, "scale": 8 ** -0.5}, 1),
     "blocked_attention": ([f32(2, 9, 4, 8), f32(2, 12, 2, 8), f32(2, 12, 2, 8), positions(9, 3), positions(12)],
                           {"block": 4, "scale": 8 ** -0.5}, 1),
+    "patch_unfold": ([f32(3, 3, 8, 8)], {"patch_size": 4}, 1),
+    "layer_norm": ([f32(2, 5, 6), f32(6), f32(6)], {"eps": 1e-5}, 1),
+    "gelu": ([f32(2, 5, 6)], {}, 1),
+    "append_token": ([f32(3, 4, 6), f32(6)], {}, 1),
+    "drop_last_token": ([f32(3, 5, 6)], {}, 1),
+    "pixel_shuffle": ([f32(3, 16, 8)], {"ratio": 0.5}, 1),
+    "flatten_tiles": ([f32(3, 4, 6)], {}, 1),
+    "merge_image_features": ([f32(2, 5, 6), np.array([[1, 9, 9, 2, 9], [9, 3, 4, 9, 5]]), f32(4, 6)],
+                             {"image_token": 9}, 1),
 }
 
 

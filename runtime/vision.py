@@ -1,0 +1,71 @@
+"""The vision half of a multimodal build: pixel tiles -> image features, and the checks that tie features
+to the image tokens of a prompt. The text model fuses the features at its input (manifest field `vision`)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from l4compile.runtime.errors import BuildDirError, RuntimeInputError
+from l4compile.runtime.manifest import Manifest
+
+
+class VisionEncoder:
+    """Runs the build's vision model (onnxruntime): pixel_values [tiles, C, S, S] -> [tiles * tokens_per_tile, hidden]."""
+
+    def __init__(self, info: dict, session) -> None:
+        self.info = info
+        self._session = session
+        self.dtype = np.dtype(info["dtype"]) if info["dtype"] != "bfloat16" else None
+        self.tokens_per_tile = int(info["tokens_per_tile"])
+        self.hidden_size = int(info["hidden_size"])
+        self.image_token = int(info["image_token"])
+
+    @classmethod
+    def load(cls, directory: Path, manifest: Manifest, providers: list[str] | None = None,
+             threads: int | None = None) -> "VisionEncoder":
+        info = manifest.vision
+        model = directory / info["files"]["model"]
+        if not model.is_file():
+            raise BuildDirError(f"{directory}: vision model file {info['files']['model']} is missing")
+        import onnxruntime as ort
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        return cls(info, ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"]))
+
+    def check_pixels(self, pixel_values) -> np.ndarray:
+        """float [tiles, C, S, S] with tiles >= 1, in the model's dtype."""
+        pixels = np.asarray(pixel_values)
+        c, s = self.info["num_channels"], self.info["image_size"]
+        if pixels.dtype.kind != "f":
+            raise RuntimeInputError(f"pixel_values must be floating point, got dtype {pixels.dtype}")
+        if pixels.ndim != 4 or pixels.shape[1:] != (c, s, s) or pixels.shape[0] == 0:
+            raise RuntimeInputError(f"pixel_values must have shape [tiles, {c}, {s}, {s}] with at least one tile, "
+                                    f"got {pixels.shape}")
+        if not np.isfinite(pixels).all():
+            raise RuntimeInputError("pixel_values contain NaN or infinity")
+        return pixels.astype(self.dtype, copy=False)
+
+    def encode(self, pixel_values) -> np.ndarray:
+        pixels = self.check_pixels(pixel_values)
+        return self._session.run([self.info["output"]], {self.info["input"]: pixels})[0]
+
+    def empty(self) -> np.ndarray:
+        """The features of a step without images: [0, hidden]."""
+        return np.zeros((0, self.hidden_size), dtype=self.dtype)
+
+    def check_features(self, ids: np.ndarray, features) -> np.ndarray:
+        """Features [n, hidden] whose n equals the number of image tokens in ids."""
+        features = np.asarray(features)
+        if features.ndim != 2 or features.shape[1] != self.hidden_size or features.dtype.kind != "f":
+            raise RuntimeInputError(f"image features must be float [n, {self.hidden_size}], got {features.dtype} "
+                                    f"{features.shape}")
+        tokens = int((ids == self.image_token).sum())
+        if tokens != features.shape[0]:
+            tiles = features.shape[0] / self.tokens_per_tile
+            raise RuntimeInputError(f"the prompt has {tokens} image tokens (id {self.image_token}) but the images give "
+                                    f"{features.shape[0]} features ({tiles:g} tiles of {self.tokens_per_tile}); "
+                                    f"expand the prompt with one image token per feature")
+        return np.ascontiguousarray(features.astype(self.dtype, copy=False))

@@ -1,0 +1,82 @@
+"""The tiny-vision spec (tiny-scout plus a vision tower) built with random weights: the vision model beside the
+text model, its ONNX on onnxruntime equal to the torch reference, fusion through every text pipeline, decoding
+with the KV cache after an image prompt, TensorRT compatibility, and quantization leaving the tower alone."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from l4compile.build import VISION_FILE, BuildOptions, build, dry_run
+from l4compile.emit.torch_module import GraphModule
+from l4compile.lower import lower
+from l4compile.lower_vision import lower_vision, tokens_per_tile
+from l4compile.runtime import Engine
+from l4compile.weights.random import RandomWeights
+from tests.conftest import load
+
+ATOL = 1e-4
+IMAGE = 255
+
+
+@pytest.fixture(scope="module")
+def spec():
+    return load("tiny-vision")
+
+
+def image_prompt(rng, tiles: int, per_tile: int) -> np.ndarray:
+    return np.concatenate([rng.integers(3, 200, 5), np.full(tiles * per_tile, IMAGE), rng.integers(3, 200, 7)])[None]
+
+
+@pytest.mark.parametrize("pipeline", ["onnx-cpu", "trt", "none"])
+def test_vision_build_matches_torch_reference(spec, pipeline, tmp_path):
+    build(spec, tmp_path / "b", RandomWeights(0), BuildOptions(pipeline=pipeline), log=lambda _: None)
+    engine = Engine.load(tmp_path / "b")
+    assert engine.manifest.vision["tokens_per_tile"] == tokens_per_tile(spec.vision) == 4
+    rng = np.random.default_rng(0)
+    pixels = rng.standard_normal((3, 3, 56, 56)).astype(np.float32)
+    ids = image_prompt(rng, 3, 4)
+    with torch.no_grad():
+        want_features = GraphModule(lower_vision(spec), RandomWeights(0))(torch.from_numpy(pixels))
+        want = GraphModule(lower(spec, kv_cache=False), RandomWeights(0))(torch.from_numpy(ids), want_features)
+    features = engine.encode_images(pixels)
+    np.testing.assert_allclose(features, want_features.numpy(), atol=ATOL, rtol=0)
+    np.testing.assert_allclose(engine.logits(ids, image_features=features), want.numpy(), atol=ATOL, rtol=0)
+
+
+def test_decoding_after_an_image_equals_full_forward(spec, tmp_path):
+    """Prefill with the image, then KV-cache decode steps (empty features) give the greedy tokens of full forwards."""
+    build(spec, tmp_path / "b", RandomWeights(1), BuildOptions(), log=lambda _: None)
+    engine = Engine.load(tmp_path / "b")
+    rng = np.random.default_rng(1)
+    ids = image_prompt(rng, 1, 4)
+    pixels = rng.standard_normal((1, 3, 56, 56)).astype(np.float32)
+    features = engine.encode_images(pixels)
+    out = engine.generate(ids, max_new_tokens=12, image_features=features, stop_tokens=())
+    module = GraphModule(lower(spec, kv_cache=False), RandomWeights(1))
+    seq = ids
+    with torch.no_grad():
+        for _ in range(12):
+            logits = module(torch.from_numpy(seq), torch.from_numpy(features))
+            seq = np.concatenate([seq, logits[:, -1].argmax(-1).numpy()[:, None]], axis=1)
+    np.testing.assert_array_equal(out, seq)
+    streamed = list(engine.stream(ids[0], max_new_tokens=12, pixel_values=pixels, stop_tokens=()))
+    assert streamed == out[0, ids.shape[1]:].tolist()
+
+
+def test_vision_graph_passes_the_tensorrt_check(spec):
+    report = dry_run(spec, BuildOptions(target="trt"), log=lambda _: None)
+    assert VISION_FILE in report.files and report.files["vision.onnx.data"] > 0
+
+
+def test_quantization_leaves_the_vision_tower_in_high_precision(spec, tmp_path):
+    build(spec, tmp_path / "b", RandomWeights(0), BuildOptions(quantize="int4", int4_method="rtn"),
+          log=lambda _: None)
+    model = onnx.load(tmp_path / "b" / VISION_FILE, load_external_data=False)
+    weights = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(weights) > 20 and {t.data_type for t in weights} == {onnx.TensorProto.FLOAT}
+    assert not any(n.op_type in ("MatMulNBits", "DequantizeLinear") for n in model.graph.node)
+    engine = Engine.load(tmp_path / "b")
+    assert engine.encode_images(np.zeros((1, 3, 56, 56), np.float32)).shape == (4, 64)
