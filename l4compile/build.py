@@ -8,7 +8,7 @@ import os
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +28,7 @@ from l4compile.passes.pipelines import DEFAULT_PIPELINE, run_pipeline
 from l4compile.progress import current
 from l4compile.runtime import integrity
 from l4compile.runtime.manifest import MANIFEST_FILE, LayerInfo, Manifest, TensorInfo
+from l4compile.runtime.preprocess import LLAMA4_IMAGE_TOKENS
 from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import WeightSource
 
@@ -170,7 +171,9 @@ def _vision_manifest(spec: ModelSpec, options: BuildOptions) -> dict:
     return {"files": {"model": VISION_FILE, "weights": VISION_DATA_FILE}, "dtype": options.dtype,
             "input": PIXELS, "output": FEATURES, "features_input": FEATURES,
             "image_size": v.image_size, "patch_size": v.patch_size, "num_channels": v.num_channels,
-            "tokens_per_tile": tokens_per_tile(v), "hidden_size": spec.hidden_size, "image_token": spec.tokens.image}
+            "tokens_per_tile": tokens_per_tile(v), "hidden_size": spec.hidden_size, "image_token": spec.tokens.image,
+            # the prompt's image tokens, where the vocabulary is Llama 4's (else the app names them)
+            "prompt_tokens": asdict(LLAMA4_IMAGE_TOKENS) if spec.tokens.image == LLAMA4_IMAGE_TOKENS.patch else None}
 
 
 def emit_vision(spec: ModelSpec, options: BuildOptions, out_dir: Path | None,

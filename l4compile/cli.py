@@ -202,20 +202,28 @@ def cmd_run(args: argparse.Namespace) -> int:
     with progress.phase("load engine"):
         engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
     if args.prompt_ids is None:
+        if args.image:
+            from l4compile.runtime.errors import RuntimeInputError
+            raise RuntimeInputError("--image works with --prompt-ids for now (expand the text prompt's images "
+                                    "with Engine.prepare_images)")
         from l4compile.text_cli import run_text
         return run_text(engine, args)
     max_new_tokens = 32 if args.max_new_tokens is None else args.max_new_tokens
     stops = tuple(args.stop_ids) if args.stop_ids is not None else None
-    tokens = engine.stream(np.array(args.prompt_ids), max_new_tokens, temperature=args.temperature or 0.0,
+    prompt, pixels = args.prompt_ids, None
+    if args.image:
+        from l4compile.runtime.vision_cli import image_prompt_ids
+        prompt, pixels = image_prompt_ids(engine, args.prompt_ids, args.image, args.image_token_ids)
+    tokens = engine.stream(np.array(prompt), max_new_tokens, temperature=args.temperature or 0.0,
                            top_k=args.top_k or 0, top_p=1.0 if args.top_p is None else args.top_p, seed=args.seed,
-                           stop_tokens=stops)
+                           stop_tokens=stops, pixel_values=pixels)
     # Tokens go to stdout as they come; a live bar only where it cannot land among them.
     with progress.phase("generate", total=max_new_tokens, unit="token", live=not progress.shares_stdout) as task:
         first = next(tokens, None)  # input errors surface here, before anything is printed
         if first is not None:
             task.advance(1)
-            task.comment = f"first token after {time.monotonic() - task.start:.3f} s ({len(args.prompt_ids)}-token prompt)"
-        print(",".join(map(str, args.prompt_ids + ([first] if first is not None else []))), end="", flush=True)
+            task.comment = f"first token after {time.monotonic() - task.start:.3f} s ({len(prompt)}-token prompt)"
+        print(",".join(map(str, prompt + ([first] if first is not None else []))), end="", flush=True)
         for token in tokens:
             print(f",{token}", end="", flush=True)
             task.advance(1)
@@ -301,6 +309,11 @@ def make_parser() -> argparse.ArgumentParser:
                    help="onnxruntime intra-op threads")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
                    help="run with this backend instead of the manifest's (a TensorRT build's ONNX runs on onnxruntime)")
+    p.add_argument("--image", action="append", metavar="FILE",
+                   help="an image (repeatable; needs Pillow): it replaces the next <|image|> id of --prompt-ids, "
+                        "or, without one, goes after the first token")
+    p.add_argument("--image-token-ids", type=_argtype(_id_list, "ids"), metavar="START,END,TILE_X,TILE_Y,IMAGE,PATCH",
+                   help="the image prompt's token ids (default: Llama 4's, where the build's vocabulary is Llama 4's)")
     add_progress_args(p)
     p.set_defaults(func=cmd_run)
 

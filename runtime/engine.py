@@ -107,6 +107,31 @@ class Engine(TextGeneration):
             raise RuntimeInputError(f"{self.directory} is a text-only build: it has no vision model")
         return self.vision.encode(pixel_values)
 
+    def prepare_images(self, ids, images: list, tokens=None, max_tiles: int = 16) -> tuple[np.ndarray, np.ndarray]:
+        """One prompt ids [seq] with an `<|image|>` placeholder per image, and the images (files, PIL images or
+        arrays [H, W, 3]) -> (ids [1, seq'] expanded with each image's tokens, pixel_values [tiles, 3, S, S]) for
+        `logits` / `generate` / `stream`. `tokens` (an ImageTokens) defaults to the build's (Llama 4's ids)."""
+        from l4compile.runtime.preprocess import ImageTokens, expand_prompt, preprocess_image
+        if self.vision is None:
+            raise RuntimeInputError(f"{self.directory} is a text-only build: it takes no images")
+        info = self.vision.info
+        if tokens is None:
+            if not info.get("prompt_tokens"):
+                raise RuntimeInputError("this build's vocabulary has no known image prompt tokens; pass tokens="
+                                        "ImageTokens(image_start, image_end, tile_x, tile_y, image, patch)")
+            tokens = ImageTokens(**info["prompt_tokens"])
+        if tokens.patch != self.vision.image_token:
+            raise RuntimeInputError(f"the patch token {tokens.patch} is not this model's image token "
+                                    f"{self.vision.image_token}")
+        tiles, grids = [], []
+        for image in images:
+            pixels, grid = preprocess_image(image, info["image_size"], max_tiles, info["num_channels"])
+            tiles.append(pixels)
+            grids.append(grid)
+        expanded = expand_prompt(ids, grids, self.vision.tokens_per_tile, tokens)[None]
+        empty = np.zeros((0, info["num_channels"], info["image_size"], info["image_size"]), np.float32)
+        return expanded, np.concatenate(tiles) if tiles else empty
+
     def _image_features(self, ids: np.ndarray, pixel_values, image_features) -> np.ndarray | None:
         """The features a prefill fuses at the image tokens of ids (None for a text-only build)."""
         if self.vision is None:
