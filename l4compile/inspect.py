@@ -10,8 +10,9 @@ from __future__ import annotations
 import math
 import re
 
+from l4compile.lower_vision import has_image_input
 from l4compile.spec.model import ModelSpec
-from l4compile.spec.params import (active_matmul_params, active_params, layer_params,
+from l4compile.spec.params import (active_matmul_params, active_params, layer_params, vision_params,
                                    params_breakdown)
 
 DTYPES = ("float32", "bfloat16", "float16", "fp8", "int4")
@@ -66,9 +67,11 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
     - `fits` (with `budget_bytes`): per weight dtype, whether its weights plus the chunked
       KV cache at `context` (none without a context) fit in the budget.
     - `quantized_build_bytes`: the text model's weights as `build --quantize fp8|int4` stores
-      them: matmul weights (attention, FFNs, experts, lm_head) quantized, the router, norms and
-      embeddings in bfloat16 (vision not included: the build compiles the text model); with a
-      budget, `fits_quantized_build` says whether each fits with the KV cache.
+      them: matmul weights (attention, FFNs, experts, lm_head) quantized, the router, norms,
+      embeddings and the vision model (a build has one where the spec has a vision tower and an image
+      token) in bfloat16; with a budget, `fits_quantized_build` says whether each fits with the KV cache.
+    - `vision` (a spec with a vision tower, else None): its parameters, image features per tile and
+      FLOPs per tile (2 per matmul parameter and token through it, plus the attention products).
 
     ValueError for an unknown dtype, a context < 1 or a negative budget.
     """
@@ -91,7 +94,9 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
         "flops_per_token_parts": {"matmul": 2 * active_matmul_params(spec),
                                   "attention": _attention_flops(spec, context)},
         "weight_bytes": {d: storage_bytes(sum(breakdown.values()), d) for d in DTYPES},
-        "quantized_build_bytes": {d: _quantized_build_bytes(breakdown, d) for d in QUANTIZED_BUILDS},
+        "quantized_build_bytes": {d: _quantized_build_bytes(breakdown, d, has_image_input(spec))
+                                  for d in QUANTIZED_BUILDS},
+        "vision": _vision_report(spec),
         "kv_cache": _kv_cache(spec, context, dtype),
     }
     if budget_bytes is not None:
@@ -109,9 +114,27 @@ QUANTIZED_PARTS = ("lm_head", "attention", "dense_ffn", "moe_routed", "moe_share
 HIGH_PRECISION_PARTS = ("embedding", "router", "norms")                              # kept in bfloat16
 
 
-def _quantized_build_bytes(breakdown: dict[str, int], dtype: str) -> int:
+def _quantized_build_bytes(breakdown: dict[str, int], dtype: str, vision: bool) -> int:
     quantized = sum(breakdown[part] for part in QUANTIZED_PARTS)
-    return storage_bytes(quantized, dtype) + storage_bytes(sum(breakdown[p] for p in HIGH_PRECISION_PARTS), "bfloat16")
+    high = sum(breakdown[p] for p in HIGH_PRECISION_PARTS) + (breakdown["vision"] if vision else 0)
+    return storage_bytes(quantized, dtype) + storage_bytes(high, "bfloat16")
+
+
+def _vision_report(spec: ModelSpec) -> dict | None:
+    """Vision tower parameters and FLOPs per tile (one image tile through the tower and the projector)."""
+    v = spec.vision
+    if v is None:
+        return None
+    side = v.image_size // v.patch_size
+    patches, tokens = side * side, round(side * v.pixel_shuffle_ratio) ** 2
+    n, h = patches + 1, v.hidden_size                 # the encoder sees the patches and the class token
+    matmul = 2 * (patches * v.num_channels * v.patch_size ** 2 * h
+                  + v.num_layers * n * (4 * h * h + 2 * h * v.intermediate_size)
+                  + tokens * (v.intermediate_size * v.projector_input_dim + v.projector_output_dim ** 2
+                              + v.vision_output_dim * spec.hidden_size))
+    attention = v.num_layers * 4 * n * n * h          # q k^T and weights @ v, all heads
+    return {"params": vision_params(v, spec.hidden_size), "in_build": has_image_input(spec), "tokens_per_tile": tokens,
+            "flops_per_tile": matmul + attention, "flops_per_tile_parts": {"matmul": matmul, "attention": attention}}
 
 
 def _layer_rows(spec: ModelSpec) -> list[dict]:
@@ -213,7 +236,13 @@ def _format_compute(report: dict) -> str:
            f"(matmul {_gflop(parts['matmul'])}"
     if report["context"]:
         line += f", attention {_gflop(parts['attention'])}"
-    return line + ")"
+    line += ")"
+    vision = report.get("vision")
+    if vision:
+        line += (f"\nvision: {format_count(vision['params'])} parameters, {vision['tokens_per_tile']} image features "
+                 f"and {_gflop(vision['flops_per_tile'])} per tile (attention "
+                 f"{_gflop(vision['flops_per_tile_parts']['attention'])})")
+    return line
 
 
 def _gflop(flops: int) -> str:
@@ -247,8 +276,9 @@ def _format_memory(report: dict) -> str:
         fits = ""
         if "fits_quantized_build" in report:
             fits = "  fits" if report["fits_quantized_build"][dtype] else "  does not fit"
+        vision = ", vision" if (report.get("vision") or {}).get("in_build") else ""
         lines.append(f"  {dtype + ' build':<10}{format_bytes(size):>12}{fits}   (build --quantize {dtype}: router, "
-                     "norms, embeddings bfloat16)")
+                     f"norms, embeddings{vision} bfloat16)")
     if "fits" in report:
         lines.append(f"  (budget {format_bytes(report['budget_bytes'])}, weights + chunked "
                      "KV cache at the context)")

@@ -80,3 +80,43 @@ def test_quantization_leaves_the_vision_tower_in_high_precision(spec, tmp_path):
     assert not any(n.op_type in ("MatMulNBits", "DequantizeLinear") for n in model.graph.node)
     engine = Engine.load(tmp_path / "b")
     assert engine.encode_images(np.zeros((1, 3, 56, 56), np.float32)).shape == (4, 64)
+
+
+def test_run_with_an_image_file(spec, tmp_path):
+    """`l4compile run BUILD --image FILE`: tiling, prompt expansion and generation, the same as the Python API."""
+    import subprocess
+    import sys
+    from PIL import Image
+    from l4compile.runtime.preprocess import ImageTokens
+    build(spec, tmp_path / "b", RandomWeights(2), BuildOptions(), log=lambda _: None)
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (60, 120, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    tokens = ImageTokens(image_start=250, image_end=251, tile_x=252, tile_y=253, image=254, patch=255)
+    engine = Engine.load(tmp_path / "b")
+    ids, pixels = engine.prepare_images(np.array([1, 254, 5, 6]), [tmp_path / "a.png"], tokens)
+    # 60x120 on 56-pixel tiles: no shrinking needs 2 rows (112 >= 60) and 3 columns (168 >= 120): 6 tiles + thumbnail
+    assert pixels.shape == (7, 3, 56, 56) and ids.shape[1] == 4 - 1 + 1 + 2 * (3 * 4 + 2 + 1) + 1 + 4 + 1
+    want = engine.generate(ids, max_new_tokens=4, pixel_values=pixels, stop_tokens=())[0].tolist()
+    run = [sys.executable, "-m", "l4compile.cli", "run", str(tmp_path / "b"), "--prompt-ids", "1,5,6",
+           "--max-new-tokens", "4", "--stop-ids", "999", "--image", str(tmp_path / "a.png")]
+    r = subprocess.run(run + ["--image-token-ids", "250,251,252,253,254,255"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert [int(t) for t in r.stdout.strip().split(",")] == want   # no placeholder: the image goes after BOS
+    r = subprocess.run(run, capture_output=True, text=True)   # a toy vocabulary: no default image tokens
+    assert r.returncode != 0 and "Traceback" not in r.stderr and "image prompt tokens" in r.stderr
+
+
+def test_inspect_counts_the_vision_graph(spec):
+    """inspect's vision parameters and matmul FLOPs per tile equal what the lowered vision graph holds and computes."""
+    from l4compile.inspect import build_report
+    graph = lower_vision(spec)
+    report = build_report(spec)["vision"]
+    assert report["params"] == sum(p.type.numel() for p in graph.params())
+    matmul = 0
+    for node in graph.topo_nodes():
+        if node.op == "linear":
+            x, w = (graph.type_of(v) for v in node.inputs)
+            rows = 1
+            for d in x.shape[:-1]:   # one tile: "tiles" is 1, "tiles*4" is 4
+                rows *= d if isinstance(d, int) else int(d.split("*")[1]) if "*" in d else 1
+            matmul += 2 * rows * w.numel()
+    assert report["flops_per_tile_parts"]["matmul"] == matmul and report["tokens_per_tile"] == 4
