@@ -137,9 +137,10 @@ class ChatTemplate:
             if self.roles is not None and role not in self.roles:
                 raise RuntimeInputError(f"message {i}: unknown role {role!r}; expected one of {', '.join(self.roles)}")
             content = message.get("content")
-            if not isinstance(content, (str, list, tuple)) and not (content is None and message.get("tool_calls")):
-                raise RuntimeInputError(f"message {i}: 'content' must be a string or a list of parts, "
-                                        f"got {type(content).__name__}")
+            tool_call = content is None and message.get("tool_calls")
+            if not isinstance(content, (str, list, tuple, Mapping)) and not tool_call:
+                raise RuntimeInputError(f"message {i}: 'content' must be a string, a list of parts or (a tool "
+                                        f"result) a dict, got {type(content).__name__}")
         # like transformers, drop the keys whose value is None (templates handle a missing key, not None)
         return [_plain({k: v for k, v in m.items() if v is not None}) for m in messages]
 
