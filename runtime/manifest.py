@@ -160,6 +160,8 @@ _MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
     "quantization": (_optional(lambda v: isinstance(v, dict)), False),
     "trt": (_optional(lambda v: isinstance(v, dict)), False),
     "checksums": (_optional(_dict_of(_file_name, _record)), False),
+    "text": (_optional(lambda v: isinstance(v, dict) and _optional(_list_of(_nonneg_int))(v.get("stop_tokens"))
+                       and _optional(lambda s: isinstance(s, dict))(v.get("sampling"))), False),
 }
 
 
