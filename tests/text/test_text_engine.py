@@ -105,6 +105,10 @@ def test_text_errors_are_clear_and_the_engine_stays_usable(engine, text_build, t
     broken = tmp_path / "broken-template"
     shutil.copytree(text_build, broken)
     (broken / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
+    from l4compile.runtime import integrity   # re-record the checksums, as if it had been built this way
+    manifest = json.loads((broken / "manifest.json").read_text())
+    manifest["checksums"] = integrity.record(broken)
+    (broken / "manifest.json").write_text(json.dumps(manifest))
     e = Engine.load(broken)
     with pytest.raises(RuntimeInputError, match="chat template does not compile"):
         e.chat(CHAT, 4)
