@@ -24,7 +24,7 @@ from l4compile.ir.verify import verify
 from l4compile.lower import lower
 from l4compile.lower_vision import FEATURES, PIXELS, has_image_input, lower_vision, tokens_per_tile
 from l4compile.outdir import check_replaceable, replace_dir, staging_dir
-from l4compile.passes.pipelines import DEFAULT_PIPELINE, run_pipeline
+from l4compile.passes.pipelines import DEFAULT_PIPELINE, load_pipeline, run_pipeline
 from l4compile.progress import current
 from l4compile.runtime import integrity
 from l4compile.runtime.manifest import MANIFEST_FILE, LayerInfo, Manifest, TensorInfo
@@ -39,6 +39,11 @@ VISION_FILE, VISION_DATA_FILE = "vision.onnx", "vision.onnx.data"   # a spec wit
 KV_CACHE_NAMES = {"layout": ["positions", "batch", "kv_heads", "head_dim"], "past_length": "past_length",
                   "logits_start": "logits_start", "past_key": "past_key.{i}", "past_value": "past_value.{i}",
                   "new_key": "new_key.{i}", "new_value": "new_value.{i}"}
+# kv_layout "in-place" (onnx-cpu): per-layer buffers [batch, kv_heads, capacity, head_dim] that the model
+# updates in place (present_* bound to past_*'s memory), and a position per row (`past_lengths` [batch]).
+KV_CACHE_IN_PLACE = {"layout": ["batch", "kv_heads", "positions", "head_dim"], "in_place": True,
+                     "past_length": "past_lengths", "logits_start": "logits_start", "past_key": "past_key.{i}",
+                     "past_value": "past_value.{i}", "new_key": "present_key.{i}", "new_value": "present_value.{i}"}
 TARGETS = ("onnx", "trt")
 DTYPES = ("float32", "float16", "bfloat16")
 # GPTQ's Hessians: 32k tokens, so that each of 16 top-1 experts sees ~2k (bench-16e reaches 0.98 cosine
@@ -120,8 +125,9 @@ def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], N
     if weights is None and options.int4_method == "auto":   # nothing to calibrate with: round to nearest
         options = dataclasses.replace(options, int4_method="rtn")
     options = resolve_calibration(spec, options, progress.warn) if weights is not None else options
+    pipeline = options.pipeline or DEFAULT_PIPELINE[options.target]
     with progress.phase("lower"):
-        graph = lower(spec, options.dtype)
+        graph = lower(spec, options.dtype, kv_layout=load_pipeline(pipeline).kv_layout)
         verify(graph)
     from l4compile.passes.quantize import quantization_passes
     from l4compile.passes.quantize_activations import UNCALIBRATED
@@ -130,7 +136,7 @@ def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], N
     extra = ([Shard(options.tp, rank)] if options.tp > 1 else []) + quantization_passes(options.quantization(), options.target,
                                 Calibration(weights) if weights is not None else UNCALIBRATED,
                                 Calibration(weights, **GPTQ_CALIBRATION).hessians if weights is not None else None)
-    name, results = run_pipeline(graph, options.pipeline or DEFAULT_PIPELINE[options.target], options.disable_passes,
+    name, results = run_pipeline(graph, pipeline, options.disable_passes,
                                  options.verify, options.verbose, options.print_ir_after, progress.note, extra,
                                  show_ir=log)
     if not options.verify:
@@ -144,7 +150,7 @@ def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], N
 def _manifest(spec: ModelSpec, graph: Graph, options: BuildOptions, weights: str) -> Manifest:
     att = spec.attention
     layers = [LayerInfo(layer.index, layer.attention, att.chunk_size if layer.attention == "chunked" else None,
-                        att.num_kv_heads, att.head_dim) for layer in spec.layers]
+                        att.num_kv_heads, att.head_dim, att.num_heads) for layer in spec.layers]
 
     def info(name: str, public: str | None = None) -> TensorInfo:
         t = graph.values[name].type
@@ -159,7 +165,8 @@ def _manifest(spec: ModelSpec, graph: Graph, options: BuildOptions, weights: str
         vocab_size=spec.vocab_size, max_position_embeddings=spec.max_position_embeddings, layers=layers,
         tokens={"bos": spec.tokens.bos, "eos": list(spec.tokens.eos), "pad": spec.tokens.pad},
         weights=weights, compiler_version=__version__, spec=spec.to_dict(),
-        kv_cache=KV_CACHE_NAMES if "past_length" in graph.inputs else None,
+        kv_cache=KV_CACHE_IN_PLACE if "past_lengths" in graph.inputs else
+        KV_CACHE_NAMES if "past_length" in graph.inputs else None,
         quantization=options.quantization(),
         vision=_vision_manifest(spec, options) if has_image_input(spec) else None,
     )

@@ -18,6 +18,9 @@ from l4compile.spec.model import LayerSpec, ModelSpec
 
 BATCH, SEQ = "batch", "seq"
 PAST = {"chunked": "past_chunk", "global": "past"}  # cached positions: chunked layers keep only their chunk
+# In-place caches: a buffer of `chunk` slots for chunked layers, the whole context for global ones.
+CAPACITY = {"chunked": "kv_chunk", "global": "kv_capacity"}
+KV_LAYOUTS = ("sequence-major", "in-place")
 
 
 @dataclass
@@ -31,26 +34,35 @@ class _Shared:
     temperature: str | None
     past: dict[int, tuple[str, str]]   # layer -> (past key, past value) inputs; empty without a KV cache
     new_kv: list[str]                  # new keys/values of every layer, graph outputs of a KV build
+    past_lengths: str | None = None    # in-place caches: each row's position [batch]
 
 
-def lower(spec: ModelSpec, dtype: str = "float32", kv_cache: bool = True) -> Graph:
+def lower(spec: ModelSpec, dtype: str = "float32", kv_cache: bool = True, kv_layout: str = "sequence-major") -> Graph:
     """The text graph: input_ids [batch, seq] -> logits [batch, seq, vocab].
 
-    With kv_cache, the graph also reads `past_length` (absolute position of the first id),
-    `logits_start` (logits only from this position on) and each layer's cached keys and values
-    (sequence-major [past, batch, kv_heads, head_dim]), and returns each layer's new keys and values.
+    With kv_cache, the graph also reads `logits_start` (logits only from this position on) and:
+    - kv_layout "sequence-major": `past_length` (absolute position of the first id, one for the batch)
+      and each layer's cached keys and values ([past, batch, kv_heads, head_dim], the cached positions
+      only); it returns each layer's new keys and values [seq, batch, kv_heads, head_dim].
+    - kv_layout "in-place": `past_lengths` [batch] (each row's position) and each layer's cache buffer
+      [batch, kv_heads, capacity, head_dim]; it returns the same buffers with the new positions written
+      (`present_key.{i}`, bound to the input's memory: see ops_cache_attention).
     """
+    if kv_layout not in KV_LAYOUTS:
+        raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     g = Graph(spec.name, metadata={"l4compile.spec_hash": spec.content_hash()})
     ids = g.add_input("input_ids", TensorType("int64", (BATCH, SEQ)))
     past_length = logits_start = None
+    in_place = kv_cache and kv_layout == "in-place"
     if kv_cache:
-        past_length = g.add_input("past_length", TensorType("int64", ()))
+        past_length = g.add_input("past_lengths" if in_place else "past_length",
+                                  TensorType("int64", (BATCH,) if in_place else ()))
         logits_start = g.add_input("logits_start", TensorType("int64", ()))
     x = g.op("embedding", [ids, _param(g, "embed_tokens", (spec.vocab_size, spec.hidden_size), dtype, "embedding")],
              name="embed")
     if has_image_input(spec):   # early fusion: image features replace the image tokens' embeddings
         x = fuse_image_features(g, spec, ids, x, dtype)
-    shared = _shared_values(g, spec, ids, past_length, dtype)
+    shared = _shared_values(g, spec, ids, past_length, dtype, in_place)
     for layer in spec.layers:
         x = _decoder_layer(g, spec, layer, x, shared, dtype)
     x = g.op("rms_norm", [x, _param(g, "norm", (spec.hidden_size,), dtype, "norm")], name="final_norm",
@@ -72,13 +84,16 @@ def _param(g: Graph, name: str, shape: tuple[int, ...], dtype: str, init: str = 
     return g.add_param(name, TensorType(dtype, shape), init=init)
 
 
-def _shared_values(g: Graph, spec: ModelSpec, ids: str, past_length: str | None, dtype: str) -> _Shared:
+def _shared_values(g: Graph, spec: ModelSpec, ids: str, past_length: str | None, dtype: str,
+                   in_place: bool = False) -> _Shared:
     att = spec.attention
     layers = spec.layers
     past: dict[int, tuple[str, str]] = {}
     if past_length is not None:
         for layer in layers:
-            t = TensorType(dtype, (PAST[layer.attention], BATCH, att.num_kv_heads, att.head_dim))
+            shape = (BATCH, att.num_kv_heads, CAPACITY[layer.attention], att.head_dim) if in_place else \
+                (PAST[layer.attention], BATCH, att.num_kv_heads, att.head_dim)
+            t = TensorType(dtype, shape)
             past[layer.index] = (g.add_input(f"past_key.{layer.index}", t), g.add_input(f"past_value.{layer.index}", t))
     positions = g.op("positions", [ids] + ([past_length] if past_length else []), name="positions")
     cos = sin = None
@@ -86,7 +101,7 @@ def _shared_values(g: Graph, spec: ModelSpec, ids: str, past_length: str | None,
         freqs = g.add_const("rope.inv_freq", rope.inv_freq(att.rope, att.head_dim))
         cos, sin = g.op("rope_angles", [positions, freqs], name="rope", n_out=2)
     masks = {}
-    for kind in ("chunked", "global"):
+    for kind in () if in_place else ("chunked", "global"):
         first = next((layer for layer in layers if layer.attention == kind), None)
         if first is None:
             continue
@@ -100,7 +115,7 @@ def _shared_values(g: Graph, spec: ModelSpec, ids: str, past_length: str | None,
         tt = att.temperature_tuning
         temperature = g.op("temperature_scale", [positions], name="temperature", attn_scale=tt.attn_scale,
                            floor_scale=tt.floor_scale)
-    return _Shared(positions, cos, sin, masks, temperature, past, [])
+    return _Shared(positions, cos, sin, masks, temperature, past, [], past_length if in_place else None)
 
 
 def _decoder_layer(g: Graph, spec: ModelSpec, layer: LayerSpec, x: str, shared: _Shared, dtype: str) -> str:
@@ -134,6 +149,17 @@ def _attention(g: Graph, spec: ModelSpec, layer: LayerSpec, x: str, shared: _Sha
         k = g.op("l2_norm", [k], name=f"{p}.k_norm", eps=spec.rms_norm_eps)
     if layer.temperature_tuning:
         q = g.op("mul", [q, shared.temperature], name=f"{p}.q_temperature")
+    if shared.past_lengths is not None:
+        out = _cache_attention(g, spec, layer, q, k, v, shared)
+    else:
+        out = _masked_attention(g, spec, layer, q, k, v, shared)
+    w_o = _param(g, f"{p}.o_proj", (att.num_heads * att.head_dim, h), dtype)
+    return g.op("linear", [out, w_o], name=f"{p}.o")
+
+
+def _masked_attention(g: Graph, spec: ModelSpec, layer: LayerSpec, q: str, k: str, v: str, shared: _Shared) -> str:
+    """Attention through an explicit mask over the cached positions (sequence-major) and the new ones."""
+    p = f"layers.{layer.index}.self_attn"
     if layer.index in shared.past:
         for kind, new in (("key", k), ("value", v)):
             shared.new_kv.append(g.op("transpose", [new], name=f"new_{kind}.{layer.index}", perm=(1, 0, 2, 3)))
@@ -141,9 +167,19 @@ def _attention(g: Graph, spec: ModelSpec, layer: LayerSpec, x: str, shared: _Sha
         k = g.op("kv_concat", [past_key, k], name=f"{p}.keys")
         v = g.op("kv_concat", [past_value, v], name=f"{p}.values")
     mask = shared.masks[layer.attention]
-    out = g.op("attention", [q, k, v, mask], name=f"{p}.attention", scale=att.head_dim ** -0.5)
-    w_o = _param(g, f"{p}.o_proj", (att.num_heads * att.head_dim, h), dtype)
-    return g.op("linear", [out, w_o], name=f"{p}.o")
+    return g.op("attention", [q, k, v, mask], name=f"{p}.attention", scale=spec.attention.head_dim ** -0.5)
+
+
+def _cache_attention(g: Graph, spec: ModelSpec, layer: LayerSpec, q: str, k: str, v: str, shared: _Shared) -> str:
+    """Attention over the layer's in-place cache buffer, which returns with the new positions written."""
+    p, i, att = f"layers.{layer.index}.self_attn", layer.index, spec.attention
+    past_key, past_value = shared.past[i]
+    out, *present = g.op("cache_attention", [q, k, v, past_key, past_value, shared.past_lengths],
+                         name=f"{p}.cache_attention",
+                         outputs=[f"{p}.attention", f"present_key.{i}", f"present_value.{i}"],
+                         scale=att.head_dim ** -0.5, chunk_size=att.chunk_size if layer.attention == "chunked" else 0)
+    shared.new_kv.extend(present)
+    return out
 
 
 def _mlp(g: Graph, p: str, x: str, hidden: int, inner: int, dtype: str) -> str:

@@ -3,6 +3,7 @@
 A pipeline file lists passes by name, each optionally with its options:
 
     name: my-pipeline            # optional; defaults to the file name
+    kv_layout: in-place          # optional: the KV cache the lowering builds for (default sequence-major)
     passes:
       - constant-fold
       - moe-dispatch: {impl: gather}
@@ -42,6 +43,9 @@ class Pipeline:
     name: str
     description: str
     passes: tuple[tuple[str, dict[str, Any]], ...]
+    # The KV cache the graph is lowered for (l4compile.lower.KV_LAYOUTS): "in-place" (attention over
+    # per-row cache buffers, onnxruntime's GroupQueryAttention) or "sequence-major" (standard ONNX ops).
+    kv_layout: str = "sequence-major"
 
     def instantiate(self, disable: Iterable[str] = ()) -> list[Pass]:
         off = set(disable)
@@ -50,10 +54,10 @@ class Pipeline:
 
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline("none", "the straight lowering, for debugging", ()),
-    Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op, chunked layers blockwise, global "
-             "layers by blocks of queries",
+    Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op, attention over in-place per-row KV "
+             "caches (GroupQueryAttention; chunked layers hold one chunk)",
              (("constant-fold", {}), ("moe-dispatch", {"impl": "ort"}), ("chunked-attention", {}),
-              ("global-attention-blocks", {}), ("cse", {}), ("dce", {}))),
+              ("global-attention-blocks", {}), ("cse", {}), ("dce", {})), kv_layout="in-place"),
     Pipeline("trt", "standard ONNX ops only (what TensorRT parses): grouped MoE dispatch, chunked layers blockwise",
              (("constant-fold", {}), ("moe-dispatch", {"impl": "grouped"}), ("chunked-attention", {}), ("cse", {}),
               ("dce", {}))),
@@ -117,9 +121,13 @@ def _read_pipeline_file(path: Path) -> Pipeline:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
         raise PassError(f"{path}: expected a mapping with a 'passes' list")
-    unknown = set(data) - {"name", "description", "passes"}
+    unknown = set(data) - {"name", "description", "passes", "kv_layout"}
     if unknown:
-        raise PassError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected name, description, passes")
+        raise PassError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected name, description, kv_layout, passes")
+    layouts = ("sequence-major", "in-place")   # l4compile.lower.KV_LAYOUTS
+    kv_layout = data.get("kv_layout", "sequence-major")
+    if kv_layout not in layouts:
+        raise PassError(f"{path}: kv_layout must be one of {', '.join(layouts)}, got {kv_layout!r}")
     lines = _entry_lines(root)
     passes = []
     for i, entry in enumerate(data["passes"]):
@@ -136,7 +144,8 @@ def _read_pipeline_file(path: Path) -> Pipeline:
         except PassError as exc:
             raise PassError(f"{where}: {exc}") from None
         passes.append((name, dict(options)))
-    return Pipeline(str(data.get("name", path.stem)), str(data.get("description", f"from {path}")), tuple(passes))
+    return Pipeline(str(data.get("name", path.stem)), str(data.get("description", f"from {path}")), tuple(passes),
+                    kv_layout)
 
 
 def _entry_lines(root: Any) -> list[int]:

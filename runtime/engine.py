@@ -171,17 +171,25 @@ class Engine(TextGeneration):
         return self.backend.step(ids, cache, logits_start, image_features=features)
 
     # ---- generation -------------------------------------------------------
-    def generate(self, ids: np.ndarray, max_new_tokens: int, temperature: float = 0.0, top_k: int = 0,
-                 top_p: float = 1.0, seed: int | None = None, stop_tokens: tuple[int, ...] | None = None,
+    def generate(self, ids: np.ndarray | list[np.ndarray], max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
+                 stop_tokens: tuple[int, ...] | None = None,
                  callback: Callable[[np.ndarray], None] | None = None, pixel_values: np.ndarray | None = None,
-                 image_features: np.ndarray | None = None) -> np.ndarray:
+                 image_features: np.ndarray | None = None) -> np.ndarray | list[np.ndarray]:
         """ids int [batch, seq] -> [batch, seq + n], n <= max_new_tokens (greedy by default).
 
         Generation stops early once every row has produced a stop token; a finished row is filled
         with its stop token. `callback` receives each step's new tokens [batch]. Images as in `logits`.
+
+        A list of 1-D prompts of any lengths (a ragged batch, text only) gives a list of 1-D arrays: each
+        prompt followed by its new tokens, up to and including its first stop token; each row's tokens
+        are those of that prompt generated alone (with the same seed: every row samples from its own
+        generator). `callback` then receives each step's new tokens of every row [batch].
         """
         max_new_tokens, seed, stop_tokens = _generation_options(max_new_tokens, seed, stop_tokens)
         sampling = Sampling(temperature, top_k, top_p)
+        if isinstance(ids, (list, tuple)) and ids and all(np.ndim(row) == 1 for row in ids):
+            return self._generate_rows(list(ids), max_new_tokens, sampling, seed, stop_tokens, callback)
         ids = self.check_ids(ids, extra=max_new_tokens)
         features = self._image_features(ids, pixel_values, image_features)
         rows = [ids]
@@ -205,27 +213,78 @@ class Engine(TextGeneration):
         for tokens in self._decode(ids, max_new_tokens, sampling, seed, stop_tokens, features):
             yield int(tokens[0])
 
-    def _decode(self, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, seed: int | None,
-                stop_tokens: tuple[int, ...] | None, image_features: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    def _generate_rows(self, prompts: list[np.ndarray], max_new_tokens: int, sampling: Sampling,
+                       seed: int | None, stop_tokens: tuple[int, ...] | None,
+                       callback: Callable[[np.ndarray], None] | None) -> list[np.ndarray]:
+        """A ragged batch: each row prefilled alone into its row of one batch cache, then decoded together
+        (one token per row per step, every row at its own position)."""
+        rows = [self.check_ids(np.asarray(row)[None], extra=max_new_tokens)[0] for row in prompts]
+        self._check_generation(max_new_tokens)
+        if not self.manifest.kv_cache.get("in_place"):   # one position per batch: rows run one after another
+            outs = [self.generate(row[None], max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
+                                  seed, stop_tokens)[0] for row in rows]
+            return [self._until_stop(out, len(row), stop_tokens) for out, row in zip(outs, rows)]
+        cache = KVCache(self.manifest, len(rows), max(len(row) for row in rows) + max_new_tokens)
+
+        def prefill() -> np.ndarray:
+            return np.concatenate([self._step(row[None], cache.row(b), logits_start=len(row) - 1)[:, -1]
+                                   for b, row in enumerate(rows)], axis=0)
+
+        rngs = [np.random.default_rng(seed) for _ in rows]
+        new: list[list[int]] = [[] for _ in rows]
+        for tokens in self._decode_steps(cache, prefill, max_new_tokens, sampling, rngs, stop_tokens):
+            for b, token in enumerate(tokens.tolist()):
+                new[b].append(token)
+            if callback:
+                callback(tokens)
+        return [self._until_stop(np.concatenate([row, np.array(n, dtype=np.int64)]), len(row), stop_tokens)
+                for row, n in zip(rows, new)]
+
+    def _stops(self, stop_tokens: tuple[int, ...] | None) -> np.ndarray:
+        return np.array(sorted(set(stop_tokens if stop_tokens is not None else self.manifest.tokens.get("eos") or [])),
+                        dtype=np.int64)
+
+    def _until_stop(self, out: np.ndarray, prompt: int, stop_tokens: tuple[int, ...] | None) -> np.ndarray:
+        """A row's prompt and new tokens up to and including its first stop token."""
+        hits = np.nonzero(np.isin(out[prompt:], self._stops(stop_tokens)))[0]
+        return out[:prompt + hits[0] + 1] if len(hits) else out
+
+    def _check_generation(self, max_new_tokens: int) -> None:
         if self._kv is None:
             raise BuildDirError(f"{self.directory}: this build has no KV cache; rebuild it to generate")
-        stops = np.array(sorted(set(stop_tokens if stop_tokens is not None else self.manifest.tokens.get("eos") or [])),
-                         dtype=np.int64)
-        rng = np.random.default_rng(seed)
+        if max_new_tokens < 0:
+            raise RuntimeInputError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+
+    def _decode(self, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, seed: int | None,
+                stop_tokens: tuple[int, ...] | None, image_features: np.ndarray | None = None) -> Iterator[np.ndarray]:
+        self._check_generation(max_new_tokens)
         cache = KVCache(self.manifest, ids.shape[0], ids.shape[1] + max_new_tokens)
-        done = np.zeros(ids.shape[0], dtype=bool)
-        last = np.zeros(ids.shape[0], dtype=np.int64)
-        step_ids, start = ids, ids.shape[1] - 1
-        for _ in range(max_new_tokens):
-            logits = self._step(step_ids, cache, logits_start=start, image_features=image_features)[:, -1]
-            image_features = None   # fused at the prefill; decode steps embed their tokens as text
-            tokens = np.where(done, last, sampling.choose(logits, rng)).astype(np.int64)
+
+        def prefill() -> np.ndarray:   # image features are fused at the prefill; decode steps embed text
+            return self._step(ids, cache, logits_start=ids.shape[1] - 1, image_features=image_features)[:, -1]
+
+        yield from self._decode_steps(cache, prefill, max_new_tokens, sampling, np.random.default_rng(seed),
+                                      stop_tokens)
+
+    def _decode_steps(self, cache: KVCache, prefill: Callable[[], np.ndarray], max_new_tokens: int,
+                      sampling: Sampling, rng: np.random.Generator | list[np.random.Generator],
+                      stop_tokens: tuple[int, ...] | None) -> Iterator[np.ndarray]:
+        """Prefill, then one token per row per step; `rng` is one generator for the batch or one per row."""
+        stops = self._stops(stop_tokens)
+        done = np.zeros(cache.batch, dtype=bool)
+        last = np.zeros(cache.batch, dtype=np.int64)
+        for step in range(max_new_tokens):
+            logits = prefill() if step == 0 else self._step(last[:, None], cache, logits_start=0)[:, -1]
+            if isinstance(rng, list):
+                chosen = np.concatenate([sampling.choose(logits[b:b + 1], r) for b, r in enumerate(rng)])
+            else:
+                chosen = sampling.choose(logits, rng)
+            tokens = np.where(done, last, chosen).astype(np.int64)
             yield tokens
             done |= np.isin(tokens, stops)
             last = tokens
             if done.all():
                 return
-            step_ids, start = tokens[:, None], 0
 
 
 def _generation_options(max_new_tokens, seed, stop_tokens) -> tuple[int, int | None, tuple[int, ...] | None]:

@@ -30,6 +30,7 @@ class LayerInfo:
     kv_capacity: int | None   # chunk size for chunked layers, None (= whole context) for global
     num_kv_heads: int
     head_dim: int
+    num_heads: int | None = None   # query heads (sizes a prefill piece's attention scores); None in older builds
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,37 @@ class OnnxRuntimeBackend:
              image_features: np.ndarray | None = None) -> np.ndarray:
         """Run `ids` after the cached positions; new keys/values go into the cache. A vision build's text model
         also reads image features (fused at the image tokens; [0, hidden] for a step without images)."""
+        if cache.in_place:   # vision builds keep the sequence-major cache (l4compile.build)
+            return self._step_in_place(ids, cache, logits_start)
+        return self._step_sequence_major(ids, cache, logits_start, image_features)
+
+    def _step_in_place(self, ids: np.ndarray, cache: KVCache, logits_start: int) -> np.ndarray:
+        """Each piece (cache.pieces) is one run: the model reads every row's cache buffers in place and
+        writes the new positions into them (present_* bound to the memory of past_*). Several new tokens
+        in a batch run row by row (onnxruntime's attention takes them after cached ones for one row only)."""
+        if ids.shape[1] > 1 and cache.batch > 1:
+            return np.concatenate([self._step_in_place(ids[b:b + 1], cache.row(b), logits_start)
+                                   for b in range(cache.batch)], axis=0)
+        kv, logits, start = self._kv, [], 0
+        for size in cache.pieces(ids.shape[1]):
+            io = self._session.io_binding()
+            io.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:start + size]))
+            io.bind_cpu_input(kv["past_length"], np.ascontiguousarray(cache.lengths))
+            io.bind_cpu_input(kv["logits_start"], np.array(min(max(logits_start - start, 0), size), dtype=np.int64))
+            io.bind_output("logits", "cpu")   # first: outputs come back in binding order
+            for layer in cache.layers:
+                for past, new, buffer in zip(self._past[layer.index], self._new[layer.index],
+                                             (layer.keys, layer.values)):
+                    io.bind_cpu_input(past, buffer)
+                    io.bind_output(new, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
+            self._session.run_with_iobinding(io)
+            logits.append(io.get_outputs()[0].numpy())
+            cache.lengths += size
+            start += size
+        return logits[0] if len(logits) == 1 else np.concatenate(logits, axis=1)
+
+    def _step_sequence_major(self, ids: np.ndarray, cache: KVCache, logits_start: int,
+                             image_features: np.ndarray | None = None) -> np.ndarray:
         kv = self._kv
         io = self._session.io_binding()
         io.bind_cpu_input("input_ids", ids)

@@ -110,10 +110,21 @@ def emit_onnx(graph: Graph, out_dir: Path | None, weights: WeightSource | None,
         env.update(zip(node.outputs, outs))
 
     outputs = []
+    producers = {out: node for node in b.nodes for out in node.output}
+    consumed = {i for node in b.nodes for i in node.input}
+    renamed: dict[str, str] = {}
     for name in graph.outputs:
-        public = first_output if name == graph.outputs[0] and logits_first else name
-        b.scope = "outputs"
-        b.nodes.append(helper.make_node("Identity", [env[name]], [public], name=f"output/{public}"))
+        first = name == graph.outputs[0] and logits_first
+        public = first_output if first else name
+        source = env[name]
+        producer = producers.get(source)
+        if not first and producer is not None and source not in consumed and source not in renamed:
+            # The node writes the output itself: no Identity copy between it and a buffer the runtime
+            # binds (an in-place KV cache must be the very buffer the attention node writes).
+            producer.output[list(producer.output).index(source)] = renamed[source] = public
+        else:
+            b.scope = "outputs"
+            b.nodes.append(helper.make_node("Identity", [renamed.get(source, source)], [public], name=f"output/{public}"))
         outputs.append(_value_info(public, graph.values[name].type))
 
     onnx_graph = helper.make_graph(

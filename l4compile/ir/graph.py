@@ -78,11 +78,18 @@ class Graph:
             name = f"{hint}.{self._counter}"
         return name
 
-    def op(self, op: str, inputs: list[str], name: str, n_out: int = 1, **attrs: Any) -> Any:
-        """Add a node; infer and record its output types. Returns the output name(s)."""
+    def op(self, op: str, inputs: list[str], name: str, n_out: int = 1, outputs: list[str] | None = None,
+           **attrs: Any) -> Any:
+        """Add a node; infer and record its output types. Returns the output name(s).
+
+        `outputs` names the outputs (e.g. graph outputs a runtime binds by name); by default they are
+        named after the node."""
         from l4compile.ir.op import get_op
         node_name = self.fresh_name(name)
-        outs = [node_name] if n_out == 1 else [self.fresh_name(f"{node_name}.{i}") for i in range(n_out)]
+        if outputs is not None:
+            n_out, outs = len(outputs), [self.fresh_name(o) for o in outputs]
+        else:
+            outs = [node_name] if n_out == 1 else [self.fresh_name(f"{node_name}.{i}") for i in range(n_out)]
         node = Node(node_name, op, list(inputs), outs, dict(attrs))
         for v in inputs:
             if v not in self.values:

@@ -10,22 +10,29 @@ from l4compile.ir.types import TensorType
 
 @register
 class Positions(Op):
-    """Absolute positions [1, S] of the tokens in ids [B, S], starting at `offset` (cached tokens) if given."""
+    """Absolute positions of the tokens in ids [B, S], starting at `offset` (cached tokens) if given:
+    [1, S] for no offset or a scalar one; [B, S] for per-row offsets [B] (rows at different positions)."""
 
     name = "positions"
 
     def infer(self, inputs, attrs):
         ids = inputs[0]
-        return [TensorType("int64", (1, ids.shape[1]))]
+        per_row = len(inputs) > 1 and inputs[1].rank == 1
+        return [TensorType("int64", (ids.shape[0] if per_row else 1, ids.shape[1]))]
 
     def torch(self, torch, inputs, attrs):
         ids = inputs[0]
         pos = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
-        return [pos + inputs[1].reshape(1, 1) if len(inputs) > 1 else pos]
+        if len(inputs) == 1:
+            return [pos]
+        offset = inputs[1]
+        return [pos + (offset[:, None] if offset.dim() == 1 else offset.reshape(1, 1))]
 
     def onnx(self, b, inputs, attrs, types):
         seq = b.node("Gather", [b.node("Shape", [inputs[0]]), b.const(1, "int64")], axis=0)
         pos = b.node("Range", [b.const(0, "int64"), seq, b.const(1, "int64")])
+        if len(inputs) > 1 and types[1].rank == 1:
+            return [b.node("Add", [b.node("Unsqueeze", [pos, b.int64s(0)]), b.node("Unsqueeze", [inputs[1], b.int64s(1)])])]
         if len(inputs) > 1:
             pos = b.node("Add", [pos, b.node("Reshape", [inputs[1], b.int64s(1)])])
         return [b.node("Unsqueeze", [pos, b.int64s(0)])]

@@ -98,7 +98,9 @@ def test_build_without_weights_is_a_one_line_error(tmp_path):
 def test_print_ir(tmp_path):
     r = cli("build", spec_path("tiny-maverick"), "--dry-run", "--print-ir")
     assert r.returncode == 0, r.stderr
-    assert "graph tiny-maverick(%input_ids: int64[batch, seq], %past_length: int64[]" in r.stdout
+    # onnx-cpu lowers for the in-place KV cache: one position per row
+    assert "graph tiny-maverick(%input_ids: int64[batch, seq], %past_lengths: int64[batch]" in r.stdout
+    assert "cache_attention(" in r.stdout and "kv_concat(" not in r.stdout
     assert "moe_dispatch(" in r.stdout   # the default pipeline fuses MoE blocks (`--pipeline none` keeps moe_experts)
 
 

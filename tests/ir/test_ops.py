@@ -34,6 +34,14 @@ def chunked_masks():
     return [head, block, np.array([6, 0, 8], dtype=np.int64)]
 
 
+def kv_buffer(batch=2, heads=2, capacity=16, dim=8, cached=(3, 1)):
+    """An in-place cache buffer whose row b holds cached[b] positions (zeros after them)."""
+    buffer = f32(batch, heads, capacity, dim)
+    for b, n in enumerate(cached):
+        buffer[b, :, n:] = 0
+    return buffer
+
+
 # op -> (inputs, attrs, number of outputs)
 CASES = {
     "embedding": ([rng.integers(0, 10, (2, 5)), f32(10, 6)], {}, 1),
@@ -46,6 +54,9 @@ CASES = {
     "split_heads": ([f32(2, 5, 12)], {"num_heads": 3, "head_dim": 4}, 1),
     "cast": ([f32(2, 3)], {"dtype": "float16"}, 1),
     "positions": ([rng.integers(0, 10, (2, 7))], {}, 1),
+    # a decode step of rows at positions 3 and 9 (chunk 8: 3 and 1 cached positions in their chunk)
+    "cache_attention": ([f32(2, 1, 4, 8), f32(2, 1, 2, 8), f32(2, 1, 2, 8), kv_buffer(), kv_buffer(),
+                         np.array([3, 9], dtype=np.int64)], {"scale": 8 ** -0.5, "chunk_size": 8}, 3),
     "rope_angles": ([positions(7, 3), np.float32([1.0, 0.1, 0.01])], {}, 2),
     "rope": ([f32(2, 7, 3, 6), f32(1, 7, 3), f32(1, 7, 3)], {}, 1),
     "temperature_scale": ([positions(30)], {"attn_scale": 0.1, "floor_scale": 4}, 1),
@@ -112,6 +123,15 @@ def test_onnx_lowering_matches_torch(name):
         else:
             assert str(gv.dtype) == g.type_of(out).dtype
         np.testing.assert_allclose(gv, wv.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_positions_per_row():
+    g = Graph("per_row")
+    ids, offsets = g.add_input("ids", TensorType("int64", ("batch", "seq"))), g.add_input("o", TensorType("int64", ("batch",)))
+    g.set_outputs([g.op("positions", [ids, offsets], name="pos")])
+    session = ort.InferenceSession(emit_onnx(g, None, None).model.SerializeToString())
+    got = session.run(None, {"ids": np.zeros((2, 3), np.int64), "o": np.array([5, 0], np.int64)})[0]
+    np.testing.assert_array_equal(got, [[5, 6, 7], [0, 1, 2]])
 
 
 def test_chunked_mask_with_offset_positions():

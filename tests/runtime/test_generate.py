@@ -54,7 +54,7 @@ def test_cached_steps_with_global_layers_between_chunked_ones(tmp_path):
 def test_chunked_layers_keep_only_their_chunk(engines):
     engine = engines["tiny-scout"]
     cache = KVCache(engine.manifest, batch=1, max_length=1000)
-    capacities = [layer.keys.shape[0] for layer in cache.layers]
+    capacities = [layer.capacity for layer in cache.layers]
     assert capacities == [8, 8, 8, 1000]  # three chunked layers, one global (NoPE) layer
     naive = 4 * 2 * 1000 * 2 * 16 * 4
     assert cache.nbytes == naive * (3 * 8 + 1000) // 4000

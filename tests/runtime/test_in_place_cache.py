@@ -1,0 +1,124 @@
+"""The in-place KV cache of onnx-cpu builds: per-row positions, long decodes across many chunk
+boundaries, ragged batches; all against the torch reference's full forward (the straight lowering)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from l4compile.emit.torch_module import GraphModule
+from l4compile.lower import lower
+from l4compile.runtime import Engine, RuntimeInputError
+from l4compile.runtime.kv_cache import KVCache
+from l4compile.weights import RandomWeights
+from tests.conftest import TINY_SPECS, load, token_ids
+
+
+@pytest.fixture(scope="module")
+def engines(built_tiny):
+    return {name: Engine.load(built_tiny(name)) for name in TINY_SPECS}
+
+
+@pytest.fixture(scope="module")
+def reference():
+    modules = {}
+
+    def full_forward(name: str, ids: np.ndarray) -> np.ndarray:
+        if name not in modules:
+            modules[name] = GraphModule(lower(load(name), kv_cache=False), RandomWeights(0)).eval()
+        with torch.no_grad():
+            return modules[name](torch.from_numpy(ids)).numpy()
+    return full_forward
+
+
+def test_onnx_cpu_builds_cache_in_place(engines):
+    kv = engines["tiny-scout"].manifest.kv_cache
+    assert kv["in_place"] and kv["layout"] == ["batch", "kv_heads", "positions", "head_dim"]
+    cache = KVCache(engines["tiny-scout"].manifest, batch=3, max_length=100)
+    assert [layer.keys.shape for layer in cache.layers] == [(3, 2, 8, 16)] * 3 + [(3, 2, 100, 16)]
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+def test_prefill_and_32_decode_steps_cross_many_chunks(name, engines, reference):
+    """A 45-token prefill then 32 one-token steps (chunk 8: ten chunk boundaries, temperature floor 4
+    crossed many times): every logit equals the reference's full forward within 1e-4."""
+    engine = engines[name]
+    ids = token_ids(1, 77, seed=21)
+    cache = KVCache(engine.manifest, batch=1, max_length=77)
+    got = [engine._step(ids[:, :45], cache, logits_start=0)]
+    got += [engine._step(ids[:, p:p + 1], cache, logits_start=0) for p in range(45, 77)]
+    np.testing.assert_allclose(np.concatenate(got, axis=1), reference(name, ids), atol=1e-4, rtol=0)
+    assert cache.length == 77
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+def test_rows_at_different_positions_decode_together(name, engines, reference):
+    """Rows of 5, 13 and 22 prompt tokens, each prefilled alone into its row, then 12 steps of all
+    rows together (each at its own position, crossing chunk boundaries at different steps)."""
+    engine = engines[name]
+    lengths, steps = (5, 13, 22), 12
+    seqs = [token_ids(1, n + steps, seed=n)[0] for n in lengths]
+    cache = KVCache(engine.manifest, batch=3, max_length=max(lengths) + steps)
+    for b, (seq, n) in enumerate(zip(seqs, lengths)):
+        prefill = engine._step(seq[None, :n], cache.row(b), logits_start=0)
+        np.testing.assert_allclose(prefill[0], reference(name, seq[None, :n])[0], atol=1e-4, rtol=0)
+    assert cache.lengths.tolist() == list(lengths)
+    got = [engine._step(np.array([[seq[n + i]] for seq, n in zip(seqs, lengths)]), cache, logits_start=0)[:, 0]
+           for i in range(steps)]
+    for b, (seq, n) in enumerate(zip(seqs, lengths)):
+        want = reference(name, seq[None])[0, n:]
+        np.testing.assert_allclose(np.stack([g[b] for g in got]), want, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+def test_generate_ragged_list_equals_each_prompt_alone(name, engines):
+    engine = engines[name]
+    prompts = [token_ids(1, n, seed=40 + n)[0] for n in (3, 11, 17)]
+    out = engine.generate(prompts, max_new_tokens=20, stop_tokens=())
+    assert isinstance(out, list) and [len(o) for o in out] == [23, 31, 37]
+    for prompt, row in zip(prompts, out):
+        np.testing.assert_array_equal(row, engine.generate(prompt[None], max_new_tokens=20, stop_tokens=())[0])
+
+
+def test_generate_ragged_sampling_and_stop_tokens_per_row(engines):
+    engine = engines["tiny-maverick"]
+    prompts = [token_ids(1, n, seed=60 + n)[0] for n in (4, 9)]
+    alone = [engine.generate(p[None], max_new_tokens=15, temperature=0.9, top_k=20, seed=3, stop_tokens=())[0]
+             for p in prompts]
+    stop = int(alone[1][9 + 4])   # the second row stops at its fifth new token, the first runs on
+    out = engine.generate(prompts, max_new_tokens=15, temperature=0.9, top_k=20, seed=3, stop_tokens=(stop,))
+    for a, row, n in zip(alone, out, (4, 9)):
+        hits = np.nonzero(a[n:] == stop)[0]
+        want = a[:n + hits[0] + 1] if len(hits) else a
+        np.testing.assert_array_equal(row, want)
+    assert len(out[1]) <= 9 + 5
+
+
+def test_generate_ragged_on_a_sequence_major_build(tmp_path):
+    """trt builds keep the sequence-major cache (one position per batch): a ragged list runs row by row."""
+    from l4compile.build import BuildOptions, build
+    build(load("tiny-scout"), tmp_path / "trt", RandomWeights(0), BuildOptions(target="trt"), log=lambda _: None)
+    engine = Engine.load(tmp_path / "trt", backend="onnxruntime")
+    assert not engine.manifest.kv_cache.get("in_place")
+    prompts = [token_ids(1, n, seed=n)[0] for n in (3, 10)]
+    out = engine.generate(prompts, max_new_tokens=6, stop_tokens=())
+    for prompt, row in zip(prompts, out):
+        np.testing.assert_array_equal(row, engine.generate(prompt[None], max_new_tokens=6, stop_tokens=())[0])
+    with pytest.raises(RuntimeInputError, match="sequence-major"):
+        KVCache(engine.manifest, 2, 10).row(0)
+
+
+def test_cache_beyond_available_memory_fails_in_one_line(engines, monkeypatch):
+    from l4compile.runtime import kv_cache
+    monkeypatch.setattr(kv_cache, "available_memory", lambda: 1 << 20)
+    with pytest.raises(RuntimeInputError, match=r"needs .* GB .* only 0.00 GB of memory is available"):
+        KVCache(engines["tiny-scout"].manifest, batch=1, max_length=4000)
+
+
+def test_a_step_past_the_cache_is_refused(engines):
+    engine = engines["tiny-scout"]
+    cache = KVCache(engine.manifest, batch=1, max_length=10)
+    engine._step(token_ids(1, 10), cache, logits_start=0)
+    with pytest.raises(RuntimeInputError, match="exceed this cache"):
+        engine._step(token_ids(1, 1), cache, logits_start=0)
