@@ -126,8 +126,10 @@ def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], N
         options = dataclasses.replace(options, int4_method="rtn")
     options = resolve_calibration(spec, options, progress.warn) if weights is not None else options
     pipeline = options.pipeline or DEFAULT_PIPELINE[options.target]
+    # The shard pass splits the sequence-major cache's ops by KV heads; sharded builds keep that layout.
+    kv_layout = load_pipeline(pipeline).kv_layout if options.tp == 1 else "sequence-major"
     with progress.phase("lower"):
-        graph = lower(spec, options.dtype, kv_layout=load_pipeline(pipeline).kv_layout)
+        graph = lower(spec, options.dtype, kv_layout=kv_layout)
         verify(graph)
     from l4compile.passes.quantize import quantization_passes
     from l4compile.passes.quantize_activations import UNCALIBRATED
