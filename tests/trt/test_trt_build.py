@@ -88,14 +88,15 @@ def test_dry_run_for_trt_checks_compatibility(capsys):
 
 
 def test_dry_run_for_trt_rejects_what_tensorrt_cannot_parse(capsys):
-    """The onnx-cpu pipeline leaves onnxruntime's contrib MoE op, which no TensorRT parser accepts."""
+    """The onnx-cpu pipeline leaves onnxruntime's contrib ops (attention over the in-place cache, MoE),
+    which no TensorRT parser accepts."""
     assert main(["build", str(spec_path("tiny-maverick")), "--target", "trt", "--dry-run",
                  "--pipeline", "onnx-cpu"]) != 0
     captured = capsys.readouterr()
     assert "dry run of" not in captured.out
     [line] = captured.err.strip().splitlines()
-    assert line.startswith("l4compile: error: TensorRT would reject this model: node 'layers.1.feed_forward")
-    assert "(MoE): domain 'com.microsoft' is not standard ONNX" in line
+    assert line.startswith("l4compile: error: TensorRT would reject this model: node 'layers.0.self_attn")
+    assert "domain 'com.microsoft' is not standard ONNX" in line
 
 
 def test_runtime_says_what_is_missing_for_a_tensorrt_build(trt_copy, capsys, monkeypatch):
