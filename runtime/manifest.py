@@ -144,7 +144,8 @@ def _record(value: Any) -> bool:
 
 _TENSOR = {"name": _str, "dtype": _str, "shape": _list_of(lambda d: _nonneg_int(d) or _str(d))}
 _LAYER = {"index": _nonneg_int, "attention": lambda v: v in ("chunked", "global"),
-          "kv_capacity": _optional(_positive_int), "num_kv_heads": _positive_int, "head_dim": _positive_int}
+          "kv_capacity": _optional(_positive_int), "num_kv_heads": _positive_int, "head_dim": _positive_int,
+          "num_heads": (_optional(_positive_int), False)}
 _TOKEN = _optional(_nonneg_int)
 # field -> (check, required); sub-schemas (dicts) are for lists of objects
 _MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
@@ -155,8 +156,8 @@ _MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
     "layers": (_LAYER, True),
     "tokens": (lambda v: isinstance(v, dict) and _TOKEN(v.get("bos")) and _TOKEN(v.get("pad"))
                and _optional(_list_of(_nonneg_int))(v.get("eos")), False),
-    "kv_cache": (_optional(lambda v: _dict_of(_str, lambda x: _str(x) or _list_of(_str)(x))(v) and _kv_names(v)),
-                 False),
+    "kv_cache": (_optional(lambda v: _dict_of(_str, lambda x: _str(x) or _list_of(_str)(x) or isinstance(x, bool))(v)
+                           and _kv_names(v)), False),   # in_place: a bool
     "weights": (_str, False), "compiler_version": (_str, False), "spec": (lambda v: isinstance(v, dict), False),
     "quantization": (_optional(lambda v: isinstance(v, dict)), False),
     "trt": (_optional(lambda v: isinstance(v, dict)), False),
