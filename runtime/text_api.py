@@ -158,7 +158,8 @@ class TextGeneration:
                       seed: int | None = None, stop_tokens: Sequence[int] | None = None) -> list[str]:
         """A batch: each prompt is a string (completed) or a list of messages (answered); returns their texts.
 
-        Each row's text equals that prompt generated alone (greedy; sampled rows draw from one generator).
+        The prompts run as one ragged batch (`generate` with a list of 1-D prompts); each row's text equals
+        that prompt generated alone (with a seed, every row samples from its own generator of that seed).
         """
         if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) or not prompts:
             raise RuntimeInputError("generate_text takes a non-empty list of prompts (strings or message lists)")
@@ -178,5 +179,5 @@ class TextGeneration:
 
     def _new_tokens_of_rows(self, rows: list[np.ndarray], seed: int | None,
                             settings: dict[str, Any]) -> list[np.ndarray]:
-        """The new tokens of each prompt (rows of different lengths run one by one)."""
-        return [self.generate(ids[None], seed=seed, **settings)[0, len(ids):] for ids in rows]
+        """The new tokens of each prompt: one ragged `generate` call (a list of 1-D prompts of any lengths)."""
+        return [out[len(ids):] for ids, out in zip(rows, self.generate(rows, seed=seed, **settings))]
