@@ -7,7 +7,9 @@ in one run, alternating in rounds:
   - the text work of one answer, alone: tokenizing the prompt plus the streaming detokenizer over 128
     tokens of real text (English, CJK, emoji), divided by 128: the cost `complete_stream` adds per token;
   - end to end, `complete_stream(text)` against `stream(ids)` for the same prompt (random weights emit ids
-    the small tokenizer decodes to little, so this row is a sanity check; the row above is the measure).
+    the small tokenizer decodes to little, so this row is a sanity check; the row above is the measure);
+  - a ragged batch: `generate_text` of 4 prompts of 32, 64, 96 and 128 tokens, 64 new tokens each, one
+    `generate` call, against the same 4 prompts one by one (`complete`).
 Prints medians over rounds; the text work must stay under 2% of the decode step.
 
     python bench/text.py [--rounds 5] [--threads 2]
@@ -75,7 +77,13 @@ def main() -> None:
                 decoder.step(token)
             decoder.finish()
 
-        steps, texts, ends = [], [], []
+        ragged_prompts = [engine.tokenizer.decode(engine.encode_prompt(TEXT * 8)[1:n]) for n in (32, 64, 96, 128)]
+
+        def one_by_one() -> None:
+            for p in ragged_prompts:
+                engine.complete(p, 64, **greedy)
+
+        steps, texts, ends, batches = [], [], [], []
         decode_steps()   # warm-up: session, caches
         for _ in range(args.rounds):
             steps.append(decode_steps())
@@ -83,12 +91,14 @@ def main() -> None:
             ids_time = timed(lambda: list(engine.stream(prompt_ids, NEW, **greedy)))
             text_time = timed(lambda: list(engine.complete_stream(prompt, NEW, **greedy)))
             ends.append(text_time / ids_time)
+            batches.append(timed(one_by_one) / timed(lambda: engine.generate_text(ragged_prompts, 64, **greedy)))
         step, text = statistics.median(steps), statistics.median(texts)
         print(f"bench-16e, {args.threads} threads, {NEW} new tokens, {args.rounds} rounds (medians)")
         print(f"  model decode step                         {step * 1e3:8.3f} ms/token")
         print(f"  tokenize prompt + stream-detokenize        {text * 1e6:8.1f} us/token  "
               f"({100 * text / step:.3f}% of the decode step; limit 2%)")
         print(f"  complete_stream(text) / stream(ids), e2e   {statistics.median(ends):8.3f}x")
+        print(f"  ragged batch of 4 (generate_text) vs one by one: {statistics.median(batches):.2f}x the throughput")
 
 
 if __name__ == "__main__":

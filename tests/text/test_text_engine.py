@@ -122,3 +122,25 @@ def test_build_without_a_tokenizer_names_the_fix(built_tiny):
         with pytest.raises(BuildDirError, match="has no tokenizer.*--tokenizer DIR"):
             call()
     assert engine.generate(np.array([[1, 2, 3]]), 4).shape == (1, 7)
+
+
+def test_ragged_text_batch_equals_single_prompts(engine, monkeypatch):
+    """4 prompts of 7, 8, 10 and 17 tokens (chunk 8: before, at and after the first boundary, past the second)
+    run as one ragged `generate` call: tokens identical to the four single-prompt runs, and so are the texts."""
+    words = "The capital of France is Paris and the capital of Japan is Tokyo , said the compiler".split()
+    prompts = [" ".join(words[:n]) for n in (6, 7, 8, 14)]
+    rows = [engine.encode_prompt(p) for p in prompts]
+    assert [len(r) for r in rows] == [7, 8, 10, 17]
+    ragged = engine.generate(rows, 20, temperature=0.0, stop_tokens=())
+    for row, out in zip(rows, ragged):
+        np.testing.assert_array_equal(out, engine.generate(row[None], 20, stop_tokens=())[0])
+
+    calls = []
+    generate = engine.generate
+    monkeypatch.setattr(engine, "generate", lambda ids, *a, **k: calls.append(ids) or generate(ids, *a, **k))
+    texts = engine.generate_text(prompts + [CHAT], 20, **GREEDY)
+    assert len(calls) == 1 and isinstance(calls[0], list) and len(calls[0]) == 5   # one ragged call
+    monkeypatch.undo()
+    assert texts == [engine.complete(p, 20, **GREEDY) for p in prompts] + [engine.chat(CHAT, 20, **GREEDY)]
+    sampled = engine.generate_text(prompts, 12, temperature=0.8, seed=3)
+    assert sampled == [engine.complete(p, 12, temperature=0.8, seed=3) for p in prompts]
