@@ -3,7 +3,7 @@
 - An existing output is replaced only when it is unmistakably an l4compile build: a manifest that
   parses as one, in a directory holding nothing but the files that build recorded. Anything else
   is refused unless the caller passes `force`.
-- The output is written to a temporary directory beside it, `.NAME.tmp-PID-XXXX`, and swapped into
+- The output is written to a temporary directory beside it, `.NAME.tmp-PID-<random suffix>`, and swapped into
   place at the end (an atomic exchange where the OS has one): at every moment the output is the old
   build or the new one. The PID in the name lets the next build into the same parent remove the
   temporaries of builds that were killed.
