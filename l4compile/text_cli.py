@@ -132,9 +132,9 @@ def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr
 
     notice(f"chatting with {engine.manifest.model_name} ({CHAT_HELP})")
     while True:
-        stderr.write("> ")
-        stderr.flush()
-        try:
+        try:                        # the prompt too: a Ctrl-C right after it is shown lands here
+            stderr.write("> ")
+            stderr.flush()
             line = stdin.readline()
         except KeyboardInterrupt:   # Ctrl-C at the prompt: a fresh line, like Python's REPL
             notice("")
