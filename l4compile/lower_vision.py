@@ -15,12 +15,13 @@ import numpy as np
 
 from l4compile.ir.graph import Graph
 from l4compile.ir.types import TensorType
+from l4compile.spec.extras import VISION_LAYER_NORM_EPS
 from l4compile.spec.model import ModelSpec, VisionSpec
 
 TILES, IMAGE_TOKENS = "tiles", "image_tokens"
 PIXELS, FEATURES = "pixel_values", "image_features"
-# transformers builds every vision LayerNorm as nn.LayerNorm(hidden_size): eps 1e-5 whatever norm_eps says
-LAYER_NORM_EPS = 1e-5
+# transformers builds every vision LayerNorm as nn.LayerNorm(hidden_size): eps 1e-5 (a spec must say so)
+LAYER_NORM_EPS = VISION_LAYER_NORM_EPS
 
 
 def patches_per_side(vision: VisionSpec) -> int:

@@ -56,7 +56,16 @@ def read_vision(sec: Section | None) -> VisionSpec | None:
     return vision
 
 
+# What the vision tower really uses: transformers builds every vision LayerNorm as nn.LayerNorm(hidden_size)
+# (eps 1e-5) whatever the config's norm_eps says, and so does l4compile.lower_vision.
+VISION_LAYER_NORM_EPS = 1e-5
+
+
 def _check_vision(sec: Section, v: VisionSpec) -> None:
+    if v.norm_eps != VISION_LAYER_NORM_EPS:
+        raise sec.error("norm_eps", f"expected {VISION_LAYER_NORM_EPS:g}, the eps every LayerNorm of Llama 4's "
+                                    f"vision tower uses (transformers' nn.LayerNorm default, whatever the "
+                                    f"config says), found {v.norm_eps:g}")
     if v.image_size % v.patch_size:
         raise sec.error("patch_size", f"expected a divisor of image_size {v.image_size}, "
                                       f"found {v.patch_size}")

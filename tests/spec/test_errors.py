@@ -123,6 +123,8 @@ CASES = [
         "patch_size: 15", "vision.patch_size", "divisor of image_size 336, found 15"),
     bad("vision_unknown_key", "tokens:", "vision:\n  num_layer: 2\ntokens:", "num_layer: 2",
         "vision.num_layer", "did you mean 'num_layers'?"),
+    bad("vision_norm_eps", "tokens:", "vision:\n  norm_eps: 1.0e-6\ntokens:", "norm_eps: 1.0e-6",
+        "vision.norm_eps", "expected 1e-05, the eps every LayerNorm of Llama 4's vision tower uses"),
     bad("yaml_syntax", "hidden_size: 64", "hidden_size: 64: 3", "hidden_size", None,
         "invalid YAML: mapping values are not allowed here"),
 ]
