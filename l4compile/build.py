@@ -22,7 +22,6 @@ from l4compile.ir.printer import print_ir
 from l4compile.inspect import build_report, format_bytes
 from l4compile.ir.verify import verify
 from l4compile.lower import lower
-from l4compile.lower_vision import has_image_input
 from l4compile.lower_vision import FEATURES, PIXELS, has_image_input, lower_vision, tokens_per_tile
 from l4compile.outdir import check_replaceable, replace_dir, staging_dir
 from l4compile.passes.pipelines import DEFAULT_PIPELINE, load_pipeline, run_pipeline
@@ -128,9 +127,7 @@ def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], N
     options = resolve_calibration(spec, options, progress.warn) if weights is not None else options
     pipeline = options.pipeline or DEFAULT_PIPELINE[options.target]
     # The shard pass splits the sequence-major cache's ops by KV heads; sharded builds keep that layout.
-    # Vision builds too (their image features would have to be split along prompt pieces).
-    kv_layout = load_pipeline(pipeline).kv_layout if options.tp == 1 and not has_image_input(spec) else \
-        "sequence-major"
+    kv_layout = load_pipeline(pipeline).kv_layout if options.tp == 1 else "sequence-major"
     with progress.phase("lower"):
         graph = lower(spec, options.dtype, kv_layout=kv_layout)
         verify(graph)

@@ -18,6 +18,7 @@ class OnnxRuntimeBackend:
         self._session = session
         self._kv = kv = manifest.kv_cache
         self._features = (manifest.vision or {}).get("features_input")
+        self._image_token = (manifest.vision or {}).get("image_token")
         # Input and output names per layer, formatted once rather than on every decode step.
         self._past = {layer.index: (kv["past_key"].format(i=layer.index), kv["past_value"].format(i=layer.index))
                       for layer in manifest.layers} if kv else {}
@@ -56,21 +57,30 @@ class OnnxRuntimeBackend:
              image_features: np.ndarray | None = None) -> np.ndarray:
         """Run `ids` after the cached positions; new keys/values go into the cache. A vision build's text model
         also reads image features (fused at the image tokens; [0, hidden] for a step without images)."""
-        if cache.in_place:   # vision builds keep the sequence-major cache (l4compile.build)
-            return self._step_in_place(ids, cache, logits_start)
+        if cache.in_place:
+            return self._step_in_place(ids, cache, logits_start, image_features)
         return self._step_sequence_major(ids, cache, logits_start, image_features)
 
-    def _step_in_place(self, ids: np.ndarray, cache: KVCache, logits_start: int) -> np.ndarray:
+    def _step_in_place(self, ids: np.ndarray, cache: KVCache, logits_start: int,
+                       image_features: np.ndarray | None = None) -> np.ndarray:
         """Each piece (cache.pieces) is one run: the model reads every row's cache buffers in place and
         writes the new positions into them (present_* bound to the memory of past_*). Several new tokens
-        in a batch run row by row (onnxruntime's attention takes them after cached ones for one row only)."""
+        in a batch run row by row (onnxruntime's attention takes them after cached ones for one row only).
+        A vision build's features go with the rows and pieces that hold their image tokens."""
         if ids.shape[1] > 1 and cache.batch > 1:
-            return np.concatenate([self._step_in_place(ids[b:b + 1], cache.row(b), logits_start)
-                                   for b in range(cache.batch)], axis=0)
+            rows = [ids[b:b + 1] for b in range(cache.batch)]
+            features = split_features(image_features, rows, self._image_token)
+            return np.concatenate([self._step_in_place(row, cache.row(b), logits_start, part)
+                                   for b, (row, part) in enumerate(zip(rows, features))], axis=0)
         kv, logits, start = self._kv, [], 0
-        for size in cache.pieces(ids.shape[1]):
+        sizes = cache.pieces(ids.shape[1])
+        pieces = np.split(ids, np.cumsum(sizes)[:-1], axis=1)
+        features = split_features(image_features, pieces, self._image_token)
+        for size, piece, piece_features in zip(sizes, pieces, features):
             io = self._session.io_binding()
-            io.bind_cpu_input("input_ids", np.ascontiguousarray(ids[:, start:start + size]))
+            io.bind_cpu_input("input_ids", np.ascontiguousarray(piece))
+            if piece_features is not None:
+                io.bind_cpu_input(self._features, piece_features)
             io.bind_cpu_input(kv["past_length"], np.ascontiguousarray(cache.lengths))
             io.bind_cpu_input(kv["logits_start"], np.array(min(max(logits_start - start, 0), size), dtype=np.int64))
             io.bind_output("logits", "cpu")   # first: outputs come back in binding order
@@ -115,6 +125,17 @@ class OnnxRuntimeBackend:
         copies = {p: (outputs[1 + 2 * p].numpy(), outputs[2 + 2 * p].numpy()) for p in copied}
         cache.commit(ids.shape[1], copies)
         return logits
+
+
+def split_features(features: np.ndarray | None, parts: list[np.ndarray],
+                   image_token: int | None) -> list[np.ndarray | None]:
+    """Image features [n, hidden] (in the order of the image tokens of the parts, taken one after another)
+    cut into each part's own: as many rows as the part has image tokens (None: a build without images)."""
+    if features is None:
+        return [None] * len(parts)
+    counts = [int((part == image_token).sum()) for part in parts]
+    ends = np.cumsum(counts).tolist()
+    return [np.ascontiguousarray(features[end - count:end]) for count, end in zip(counts, ends)]
 
 
 def create_session(model: Path, options, providers: list[str], directory: Path):

@@ -66,6 +66,35 @@ def test_decoding_after_an_image_equals_full_forward(spec, tmp_path):
     assert streamed == out[0, ids.shape[1]:].tolist()
 
 
+def test_in_place_cache_splits_features_by_piece_and_row(spec, tmp_path):
+    """The in-place build runs prefills in pieces that stop at chunk boundaries, and a batch row by row: each
+    piece gets the features of its own image tokens. Equal to the sequence-major build (one run) and to the
+    torch reference, for two rows whose images straddle chunk boundaries at different places."""
+    from l4compile.runtime.ort_backend import split_features
+    build(spec, tmp_path / "in-place", RandomWeights(3), BuildOptions(), log=lambda _: None)
+    build(spec, tmp_path / "seq", RandomWeights(3), BuildOptions(pipeline="trt"), log=lambda _: None)
+    in_place, sequence_major = Engine.load(tmp_path / "in-place"), Engine.load(tmp_path / "seq")
+    assert in_place.manifest.kv_cache["in_place"] and not sequence_major.manifest.kv_cache.get("in_place")
+    rng = np.random.default_rng(3)
+    rows = [np.concatenate([rng.integers(3, 200, 3), np.full(8, IMAGE), rng.integers(3, 200, 2), np.full(4, IMAGE),
+                            rng.integers(3, 200, 4)]),
+            np.concatenate([rng.integers(3, 200, 7), np.full(12, IMAGE), rng.integers(3, 200, 2)])]
+    ids = np.stack(rows)   # images at 3..10 and 13..16 (row 0), 7..18 (row 1): every one crosses a boundary
+    features = in_place.encode_images(rng.standard_normal((6, 3, 56, 56)).astype(np.float32))
+    parts = split_features(features, np.split(ids[:1], [8, 16], axis=1), IMAGE)
+    assert [len(p) for p in parts] == [5, 6, 1]
+    np.testing.assert_array_equal(np.concatenate(parts), features[:12])
+    got = in_place.logits(ids, image_features=features)
+    np.testing.assert_allclose(got, sequence_major.logits(ids, image_features=features), atol=ATOL, rtol=0)
+    with torch.no_grad():
+        want = GraphModule(lower(spec, kv_cache=False), RandomWeights(3))(torch.from_numpy(ids),
+                                                                           torch.from_numpy(features))
+    np.testing.assert_allclose(got, want.numpy(), atol=ATOL, rtol=0)
+    out = in_place.generate(ids, max_new_tokens=6, image_features=features, stop_tokens=())
+    np.testing.assert_array_equal(out, sequence_major.generate(ids, max_new_tokens=6, image_features=features,
+                                                               stop_tokens=()))
+
+
 def test_vision_graph_passes_the_tensorrt_check(spec):
     report = dry_run(spec, BuildOptions(target="trt"), log=lambda _: None)
     assert VISION_FILE in report.files and report.files["vision.onnx.data"] > 0

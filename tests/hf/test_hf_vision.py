@@ -72,7 +72,15 @@ def built(request, tmp_path_factory):
     config, file = load_hf_config(checkpoint)
     spec = spec_from_hf_config(config, "mm", str(file))
     build(spec, root / "build", HFCheckpoint.for_spec(checkpoint, spec), BuildOptions(), log=lambda _: None)
-    return model, spec, checkpoint, Engine.load(root / "build")
+    engine = Engine.load(root / "build")
+    assert engine.manifest.kv_cache["in_place"]   # vision builds use the text builds' in-place cache
+    return model, spec, checkpoint, engine
+
+
+def image_spans_cross_chunks(ids: np.ndarray, chunk: int) -> bool:
+    """Some run of image tokens straddles a chunk boundary: its features go to two prefill pieces."""
+    positions = np.nonzero(ids[0] == IMAGE)[0]
+    return any(a // chunk != b // chunk and b == a + 1 for a, b in zip(positions, positions[1:]))
 
 
 def test_image_features_match(built):
@@ -93,6 +101,7 @@ def test_logits_with_images_match(built, images):
     rng = np.random.default_rng(len(images))
     per_tile = tokens_per_tile(spec.vision)
     ids = prompt(rng, images, per_tile)[None]
+    assert image_spans_cross_chunks(ids, spec.attention.chunk_size)
     pixels = rng.standard_normal((sum(images), 3, 56, 56)).astype(np.float32)
     want = reference_logits(model, ids, pixels)
     np.testing.assert_allclose(engine.logits(ids, pixel_values=pixels), want, atol=ATOL, rtol=0)
@@ -120,6 +129,7 @@ def test_greedy_tokens_match(built):
     model, spec, _, engine = built
     rng = np.random.default_rng(7)
     ids = prompt(rng, [1, 2], tokens_per_tile(spec.vision))[None]
+    assert image_spans_cross_chunks(ids, spec.attention.chunk_size)
     pixels = rng.standard_normal((3, 3, 56, 56)).astype(np.float32)
     ours = engine.generate(ids, max_new_tokens=20, pixel_values=pixels, stop_tokens=())
     theirs = ids
