@@ -57,10 +57,11 @@ class Engine(TextGeneration):
             raise BuildDirError(f"{directory}: a sharded TensorRT build runs one engine per GPU: "
                                 f"python -m l4compile.runtime.trt_launcher {directory} (or backend='onnxruntime' "
                                 "to run every rank here on CPU)")
+        vision = VisionEncoder.load(directory, manifest, providers, threads) if manifest.vision else None
         if sharded and name == "onnxruntime":   # every rank in this process, host-reduced
             from l4compile.runtime.sharded_backend import ShardedOnnxRuntimeBackend
-            return cls(directory, manifest, ShardedOnnxRuntimeBackend.load(directory, manifest, providers, threads))
-        vision = VisionEncoder.load(directory, manifest, providers, threads) if manifest.vision else None
+            return cls(directory, manifest, ShardedOnnxRuntimeBackend.load(directory, manifest, providers, threads),
+                       vision)
         if name == "onnxruntime":
             from l4compile.runtime.ort_backend import OnnxRuntimeBackend
             return cls(directory, manifest, OnnxRuntimeBackend.load(directory, manifest, providers, threads), vision)

@@ -5,8 +5,9 @@ graph was cut at its collectives into segments (same cuts, same names on every r
 runs segment k of every rank, sums each partial value over the ranks (the all_reduce) and hands the
 sum to every rank's next segment. Each rank keeps its own KV heads: the Engine's cache holds all
 ranks' heads side by side (rank-major, as the manifest's layers say), and rank r reads and writes
-its block of them. On GPUs, TensorRT runs the same graphs with in-engine NCCL collectives
-(runtime/trt_launcher.py).
+its block of them. A build with a vision tower has one vision encoder (rank 0's; the Engine runs it):
+its image features go to every rank, whose text graph fuses them at the image tokens. On GPUs, TensorRT
+runs the same graphs with in-engine NCCL collectives (runtime/trt_launcher.py).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class ShardedOnnxRuntimeBackend:
         self._reductions = [[tuple(pair) for pair in after] for after in manifest.sharding["reductions"]]
         self._inputs = [[[i.name for i in s.get_inputs()] for s in sessions] for sessions in ranks]
         self._outputs = [[[o.name for o in s.get_outputs()] for s in sessions] for sessions in ranks]
+        self._features = (manifest.vision or {}).get("features_input")
 
     @classmethod
     def load(cls, directory: Path, manifest: Manifest, providers: list[str] | None = None,
@@ -53,15 +55,21 @@ class ShardedOnnxRuntimeBackend:
             ranks.append(sessions)
         return cls(manifest, ranks)
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
-        return self._run([{"input_ids": ids} for _ in self._ranks])[0]["logits"]
+    def _inputs_of_step(self, ids: np.ndarray, image_features: np.ndarray | None) -> dict[str, np.ndarray]:
+        """What every rank reads alike: the ids and, in a vision build, the image features (all of them)."""
+        return {"input_ids": ids} if image_features is None else {"input_ids": ids, self._features: image_features}
 
-    def step(self, ids: np.ndarray, cache: KVCache, logits_start: int) -> np.ndarray:
+    def forward(self, ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
+        return self._run([self._inputs_of_step(ids, image_features) for _ in self._ranks])[0]["logits"]
+
+    def step(self, ids: np.ndarray, cache: KVCache, logits_start: int,
+             image_features: np.ndarray | None = None) -> np.ndarray:
         """One step of every rank; each rank's new keys/values go into its block of the cache's heads."""
         kv, h = self._kv, self._heads
         feeds = []
         for rank in range(len(self._ranks)):
-            feed = {"input_ids": ids, kv["past_length"]: np.array(cache.length, dtype=np.int64),
+            feed = {**self._inputs_of_step(ids, image_features),
+                    kv["past_length"]: np.array(cache.length, dtype=np.int64),
                     kv["logits_start"]: np.array(logits_start, dtype=np.int64)}
             for layer, (keys, values) in zip(cache.layers, cache.views()):
                 heads = slice(rank * h, (rank + 1) * h)

@@ -5,9 +5,15 @@
     OUT/rank_R/model.onnx.data   rank R's weights only, streamed from the checkpoint slice by slice
     OUT/rank_R/segment_KK.onnx   the same graph cut at its collectives (onnxruntime; same data file)
     OUT/rank_R/manifest.json     rank R's own manifest (its inputs, KV heads, engine status)
+    OUT/rank_0/vision.onnx       a spec with a vision tower: the whole vision encoder, on rank 0 only
+                                 (+ vision.onnx.data); every rank's text graph reads its image features
 
 The runtime's host-side reducer (runtime/sharded_backend.py) runs the segments of all ranks in one
 process and sums at each cut; on GPUs, each rank's engine runs on its own device with NCCL.
+
+The vision encoder is small next to the text model (Scout's and Maverick's: 0.87 B parameters, 1.7 GB in
+bf16) and runs once per image, so it is neither split nor replicated: rank 0 holds it, encodes each
+prompt's images once, and the features (replicated, like the embeddings they replace) go to every rank.
 """
 
 from __future__ import annotations
@@ -21,18 +27,19 @@ from typing import Callable
 
 import onnx
 
-from l4compile.build import (DATA_FILE, MODEL_FILE, BuildOptions, BuildReport, _manifest, _metadata, compile_graph,
-                             replace_dir, resolve_calibration)
+from l4compile.build import (DATA_FILE, MODEL_FILE, VISION_DATA_FILE, VISION_FILE, BuildOptions, BuildReport,
+                             _manifest, _metadata, compile_graph, emit_vision, replace_dir, resolve_calibration)
 from l4compile.emit.onnx_emitter import emit_onnx
 from l4compile.errors import BuildError
 from l4compile.inspect import format_bytes
 from l4compile.ir.graph import Graph
 from l4compile.ir.ops_collective import DIST_COLLECTIVE
+from l4compile.lower_vision import has_image_input
 from l4compile.outdir import check_replaceable, staging_dir
 from l4compile.progress import Task, current
 from l4compile.runtime import integrity
 from l4compile.runtime.manifest import Manifest
-from l4compile.shard.plan import ShardPlan, local_kv_heads, plan
+from l4compile.shard.plan import VISION_RANK, ShardPlan, local_kv_heads, plan
 from l4compile.shard.segments import bind_external_data, split_at_collectives
 from l4compile.spec.model import ModelSpec
 from l4compile.weights.base import WeightSource
@@ -123,8 +130,14 @@ def manifests(spec: ModelSpec, graphs: list[Graph], options: BuildOptions, weigh
     for rank, graph in enumerate(graphs):
         m = _manifest(spec, graph, options, weights)
         layers = [dataclasses.replace(layer, num_kv_heads=local) for layer in m.layers]
-        ranks.append(dataclasses.replace(m, layers=layers, sharding={"tp": tp, "rank": rank}))
+        vision = m.vision if m.vision is None or rank == VISION_RANK else \
+            {**m.vision, "files": None, "rank": VISION_RANK}   # features come from rank 0's encoder
+        ranks.append(dataclasses.replace(m, layers=layers, sharding={"tp": tp, "rank": rank}, vision=vision))
     top = ranks[0]
+    if top.vision is not None:   # paths from the top-level directory
+        folder = RANK_DIR.format(rank=VISION_RANK)
+        top = dataclasses.replace(top, vision={**top.vision, "rank": VISION_RANK, "files": {
+            role: f"{folder}/{name}" for role, name in top.vision["files"].items()}})
     files = {}
     for rank in range(tp):
         folder = RANK_DIR.format(rank=rank)
@@ -158,6 +171,13 @@ def dry_run_sharded(spec: ModelSpec, options: BuildOptions, gpu_memory: int | No
             files[f"{folder}/{DATA_FILE}"] = size
             tensors += len(graph.params())
             largest = max(largest, big)
+    if has_image_input(spec):
+        with current().phase("vision model"):
+            vision = emit_vision(spec, options, None, None)
+        folder = RANK_DIR.format(rank=VISION_RANK)
+        files.update({f"{folder}/{VISION_FILE}": vision.model.ByteSize(), f"{folder}/{VISION_DATA_FILE}":
+                      vision.weight_bytes})
+        tensors, largest = tensors + vision.tensors, max(largest, vision.largest_tensor_bytes)
     return BuildReport(None, files, tensors, largest, [], dry_run=True, quantization=options.quantization()), the_plan
 
 
@@ -185,6 +205,10 @@ def build_sharded(spec: ModelSpec, out_dir: Path, weights: WeightSource, options
                 _, big, reductions = write_rank(graph, tmp / RANK_DIR.format(rank=rank), weights,
                                                 _metadata(spec, options), task)
                 tensors, largest = tensors + len(graph.params()), max(largest, big)
+        if has_image_input(spec):
+            with progress.phase("vision model"):
+                vision = emit_vision(spec, options, tmp / RANK_DIR.format(rank=VISION_RANK), weights)
+            tensors, largest = tensors + vision.tensors, max(largest, vision.largest_tensor_bytes)
         top, ranks = manifests(spec, graphs, options, weights.description, reductions)
         if options.target == "trt":
             top, ranks = _finish_trt(tmp, out_dir, top, ranks, options)
@@ -201,7 +225,7 @@ def build_sharded(spec: ModelSpec, out_dir: Path, weights: WeightSource, options
     finally:
         weights.close()
     files = {str(p.relative_to(out_dir)): p.stat().st_size for p in sorted(out_dir.rglob("*")) if p.is_file()
-             and (p.parent == out_dir or p.name in (MODEL_FILE, DATA_FILE))}
+             and (p.parent == out_dir or p.name in (MODEL_FILE, DATA_FILE, VISION_FILE, VISION_DATA_FILE))}
     return BuildReport(out_dir, files, tensors, largest, [], quantization=options.quantization())
 
 

@@ -3,7 +3,7 @@
 Computed from the rank graphs' parameters (the shard pass itself, no weights): exact sizes, in
 about half a second per rank at full size. Replicated tensors (embeddings, lm_head, norms, router)
 count on every rank, so the ranks' weights add up to the unsharded total plus (tp - 1) times the
-replicated bytes.
+replicated bytes. The vision encoder of a spec with a vision tower is not split: it counts, whole, on rank 0.
 """
 
 from __future__ import annotations
@@ -17,18 +17,22 @@ from l4compile.ir.types import DTYPE_BYTES
 from l4compile.spec.model import ModelSpec
 
 H200_BYTES = 141 * 10 ** 9
+# The rank that holds the vision encoder of a sharded build (its folder holds vision.onnx); it encodes each
+# prompt's images once and every rank's text graph reads the features (l4compile.shard.build).
+VISION_RANK = 0
 
 
 @dataclass
 class RankPlan:
     rank: int
-    weight_bytes: int
+    weight_bytes: int              # the rank's text graph
     kv_cache_bytes: int
     kv_heads: int
+    vision_bytes: int = 0          # the vision encoder, on rank 0 of a spec with a vision tower
 
     @property
     def total_bytes(self) -> int:
-        return self.weight_bytes + self.kv_cache_bytes
+        return self.weight_bytes + self.vision_bytes + self.kv_cache_bytes
 
 
 @dataclass
@@ -38,9 +42,10 @@ class ShardPlan:
     max_batch: int
     max_seq: int
     gpu_memory: int | None
-    unsharded_weight_bytes: int
+    unsharded_weight_bytes: int    # the text model's
     replicated_weight_bytes: int
     ranks: list[RankPlan] = field(default_factory=list)
+    vision_weight_bytes: int = 0   # the vision encoder's, whole, on rank 0 (VISION_RANK)
 
     @property
     def fits(self) -> bool:
@@ -55,19 +60,24 @@ class ShardPlan:
         for r in self.ranks:
             verdict = "" if self.gpu_memory is None else \
                 ("  fits" if r.total_bytes <= self.gpu_memory else "  does NOT fit")
-            out.append(f"  rank {r.rank}: weights {format_bytes(r.weight_bytes):>10}  KV cache "
+            vision = f" + vision {format_bytes(r.vision_bytes)}" if r.vision_bytes else ""
+            out.append(f"  rank {r.rank}: weights {format_bytes(r.weight_bytes):>10}{vision}  KV cache "
                        f"{format_bytes(r.kv_cache_bytes):>10} ({r.kv_heads} KV heads)  total "
                        f"{format_bytes(r.total_bytes):>10}{verdict}")
-        total = sum(r.weight_bytes for r in self.ranks)
+        total = sum(r.weight_bytes + r.vision_bytes for r in self.ranks)
+        vision = f" + vision encoder {format_bytes(self.vision_weight_bytes)} (rank {VISION_RANK} only)" \
+            if self.vision_weight_bytes else ""
         out.append(f"  ranks' weights {format_bytes(total)} = unsharded {format_bytes(self.unsharded_weight_bytes)} "
-                   f"+ {self.tp - 1} x replicated {format_bytes(self.replicated_weight_bytes)}")
+                   f"+ {self.tp - 1} x replicated {format_bytes(self.replicated_weight_bytes)}{vision}")
         return out
 
     def raise_if_unfit(self) -> None:
         for r in self.ranks:
             if self.gpu_memory is not None and r.total_bytes > self.gpu_memory:
+                vision = f" + vision {format_bytes(r.vision_bytes)}" if r.vision_bytes else ""
                 raise BuildError(f"--tp {self.tp}: rank {r.rank} needs {format_bytes(r.total_bytes)} (weights "
-                                 f"{format_bytes(r.weight_bytes)} + KV cache {format_bytes(r.kv_cache_bytes)}) "
+                                 f"{format_bytes(r.weight_bytes)}{vision} + KV cache "
+                                 f"{format_bytes(r.kv_cache_bytes)}) "
                                  f"but a GPU has {format_bytes(self.gpu_memory)}; use more ranks, --quantize, or a "
                                  f"smaller --max-seq/--max-batch")
 
@@ -88,17 +98,26 @@ def local_kv_heads(spec: ModelSpec, tp: int) -> int:
     return max(1, spec.attention.num_kv_heads // tp)
 
 
+def vision_weight_bytes(spec: ModelSpec, dtype: str) -> int:
+    """The vision encoder's weights (never sharded, never quantized), or 0 for a text-only spec."""
+    from l4compile.lower_vision import has_image_input, lower_vision
+    return weight_bytes(lower_vision(spec, dtype)) if has_image_input(spec) else 0
+
+
 def plan(spec: ModelSpec, graphs: list[Graph], unsharded: Graph, dtype: str, max_batch: int, max_seq: int,
          gpu_memory: int | None) -> ShardPlan:
-    """The plan of rank graphs (from l4compile.passes.shard) against the unsharded graph."""
+    """The plan of rank graphs (from l4compile.passes.shard) against the unsharded graph; a spec with a
+    vision tower adds its encoder, whole, to rank VISION_RANK."""
     tp = len(graphs)
     sliced = {p.name for p in graphs[0].params() if p.derived is not None and p.derived.scheme == "slice"}
     replicated = sum(p.type.nbytes() for p in unsharded.params() if p.name not in sliced)
     kv_heads = local_kv_heads(spec, tp)
     kv_dtype = "float16" if dtype == "float16" else ("bfloat16" if dtype == "bfloat16" else "float32")
-    ranks = [RankPlan(r, weight_bytes(g), kv_cache_bytes(spec, kv_heads, kv_dtype, max_batch, max_seq), kv_heads)
+    vision = vision_weight_bytes(spec, dtype)
+    ranks = [RankPlan(r, weight_bytes(g), kv_cache_bytes(spec, kv_heads, kv_dtype, max_batch, max_seq), kv_heads,
+                      vision if r == VISION_RANK else 0)
              for r, g in enumerate(graphs)]
-    return ShardPlan(tp, dtype, max_batch, max_seq, gpu_memory, weight_bytes(unsharded), replicated, ranks)
+    return ShardPlan(tp, dtype, max_batch, max_seq, gpu_memory, weight_bytes(unsharded), replicated, ranks, vision)
 
 
 def plan_spec(spec: ModelSpec, tp: int, dtype: str = "bfloat16", max_batch: int = 1, max_seq: int | None = None,
