@@ -318,6 +318,8 @@ def make_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_run)
 
     add_chat_command(sub)
+    from l4compile.serve.command import add_serve_command
+    add_serve_command(sub, _argtype(_positive_int, "count"))
     from l4compile.verify import add_verify_command
     add_verify_command(sub)
 

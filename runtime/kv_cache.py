@@ -112,10 +112,14 @@ class KVCache:
 
     def row(self, b: int) -> "KVCache":
         """Row b of an in-place cache as a cache of batch 1 sharing its memory (prefill one row alone)."""
+        return self.rows(b, b + 1)
+
+    def rows(self, start: int, stop: int) -> "KVCache":
+        """Rows [start, stop) of an in-place cache as a cache sharing its memory (step part of a batch)."""
         if not self.in_place:
             raise RuntimeInputError("this build's KV cache keeps one position for the whole batch "
                                     "(sequence-major layout): rows cannot be stepped alone")
-        return KVCache._view(self, slice(b, b + 1))
+        return KVCache._view(self, slice(start, stop))
 
     @property
     def batch(self) -> int:
