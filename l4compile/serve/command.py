@@ -38,7 +38,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     app = create_app(scheduler, settings)
     mode = (f"continuous batching, {scheduler.batch_rows} rows" if scheduler.in_place else
             "one request at a time: this build's KV cache keeps one position for the whole batch "
-            "(sequence-major: TensorRT, sharded or vision build)")
+            "(sequence-major: a TensorRT or sharded build)")
     print(f"serving {args.build} as {name!r} on http://{args.host}:{args.port}/v1 ({mode}; context "
           f"{scheduler.context} tokens, queue {scheduler.max_queue})", file=sys.stderr, flush=True)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,

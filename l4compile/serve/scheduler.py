@@ -8,8 +8,8 @@ position, sampling generator (seeded as `Engine.stream` seeds it, so a row's tok
 generated alone), stop tokens and strings, token limit and deadline; it leaves the batch when it is
 done, cancelled (its client went away) or out of time, and its row is free for the next request.
 
-Builds whose cache keeps one position for the whole batch (sequence-major: TensorRT, sharded and
-vision builds) serve one request at a time through the same loop (`batch_rows == 1`).
+Builds whose cache keeps one position for the whole batch (sequence-major: TensorRT and sharded builds)
+serve one request at a time through the same loop (`batch_rows == 1`).
 
 The HTTP layer (l4compile/serve/app.py) meets the scheduler at `submit`: it hands over token ids and
 settings with a `sink` callable, and the scheduler calls the sink from its thread with `Piece`,
@@ -235,13 +235,13 @@ class Scheduler:
         if self.in_place:
             size = cache.pieces(remaining)[0]
             size = min(size, self.prefill_chunk) if self.prefill_chunk else size
-        else:   # sequence-major (and vision) builds fuse image features at one prefill
+        else:   # sequence-major builds: one prefill, as Engine runs it (their rows run one at a time anyway)
             size = remaining
         last = row.prefilled + size == len(ids)
         try:
             logits = self.engine._step(ids[None, row.prefilled:row.prefilled + size], cache,
                                        logits_start=size - 1 if last else size,
-                                       image_features=row.request.image_features)
+                                       image_features=self._piece_features(row, size))
         except Exception as exc:   # this request's failure is its own
             self._fail(row.request, _internal(exc), row)
             return
@@ -249,6 +249,15 @@ class Scheduler:
         self.metrics.prompt_tokens += size
         if last:
             self._advance([row], logits[:, -1])
+
+    def _piece_features(self, row: Row, size: int) -> np.ndarray | None:
+        """The image features of the image tokens in the row's next `size` prompt tokens (in order)."""
+        features = row.request.image_features
+        if features is None or self.engine.vision is None:
+            return None
+        image_token, ids = self.engine.vision.image_token, row.request.ids
+        done = int((ids[:row.prefilled] == image_token).sum())
+        return features[done:done + int((ids[row.prefilled:row.prefilled + size] == image_token).sum())]
 
     def _decode_step(self) -> None:
         """One token for every row past its prefill (rows in prefill or free are stepped and rewound)."""
