@@ -63,7 +63,8 @@ def measure(engine: str, spec_path: str, checkpoint: str, args) -> dict:
         def loss_of(ids):
             return model(input_ids=ids, labels=ids).loss
     model.to(device).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused AdamW for both: transformers' Trainer defaults to it (optim=adamw_torch_fused), and so does `l4compile train`
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=True)
     ids = torch.randint(3, vocab, (args.batch, args.seq), generator=torch.Generator().manual_seed(0)).to(device)
     losses, times, cpu_times = [], [], []
     for step in range(args.steps + 1):
