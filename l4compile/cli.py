@@ -10,15 +10,11 @@ import sys
 from pathlib import Path
 
 from l4compile import __version__
-from l4compile.errors import BuildError, L4Error
+from l4compile.errors import BuildError, L4Error, Terminated
 from l4compile.inspect import canonical_dtype, format_bytes, parse_size
 from l4compile.progress import Progress, add_progress_args, current
 from l4compile.runtime import options
 from l4compile.runtime.options import cli_type
-
-
-class Terminated(BaseException):
-    """SIGTERM, raised like KeyboardInterrupt so that a build removes its temporary directory."""
 
 
 class Parser(argparse.ArgumentParser):
@@ -376,11 +372,11 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{exc.filename}: " if exc.filename else ""
         print(f"l4compile: error: {where}{exc.strerror or exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("l4compile: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:   # a message: what was kept (a training run's checkpoint)
+        print("l4compile: interrupted" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 130
-    except Terminated:
-        print("l4compile: terminated", file=sys.stderr)
+    except Terminated as exc:
+        print("l4compile: terminated" + (f": {exc}" if str(exc) else ""), file=sys.stderr)
         return 143
     finally:
         if handles_sigterm:

@@ -46,3 +46,7 @@ class TrainError(L4Error):
     """Training cannot start or continue: bad data, options that do not fit the spec, an incompatible run."""
 
     exit_code = 2
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that a build removes its temporary directory."""

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -13,7 +16,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from l4compile.errors import TrainError
+from l4compile.errors import Terminated, TrainError
 from l4compile.progress import Progress, current
 from l4compile.spec.model import ModelSpec
 from l4compile.train import checkpoint as ckpt
@@ -262,26 +265,70 @@ class Trainer:
     def _steps(self, task) -> list[dict]:
         opts, world = self.opts, self.world
         history, done, step = [], 0, self.start_step
-        while step < opts.steps:
-            step += 1
-            started = time.perf_counter()
-            metrics = self.train_step(step)
-            metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - started)
-            done += 1
-            last = step == opts.steps or (opts.stop_after and done >= opts.stop_after)
-            if (opts.eval_every and step % opts.eval_every == 0) or last:
-                metrics["eval_loss"] = self.evaluate()
-            history.append(metrics)
-            self._record(metrics)
-            task.advance(1, size=metrics["tokens"])
-            if step % opts.log_every == 0 or last:
-                self._log(format_metrics(metrics, opts.steps))
-            if last or (opts.save_every and step % opts.save_every == 0):
-                where = ckpt.save(self.out, step, self.model, self.optimizer, world.is_main)
-                self._log(f"checkpoint {where}")
-            if last:
-                break
+        with StopRequests() as stop:
+            while step < opts.steps:
+                step += 1
+                started = time.perf_counter()
+                metrics = self.train_step(step)
+                # every rank learns of a signal that reached any of them at the same step (one all-reduce)
+                (stopping,) = self._reduce(float(stop.signum is not None))
+                metrics["tokens_per_s"] = metrics["tokens"] / (time.perf_counter() - started)
+                done += 1
+                last = step == opts.steps or (opts.stop_after and done >= opts.stop_after) or stopping > 0
+                self._finish_step(step, metrics, last, stopping > 0, task, history)
+                if stopping:
+                    raise stop.exception(f"stopped after step {step} with a checkpoint; "
+                                         f"continue with --resume {self.out}")
+                if last:
+                    break
         return history
+
+    def _finish_step(self, step: int, metrics: dict, last: bool, stopping: bool, task, history: list[dict]) -> None:
+        """Evaluate (not when stopping on a signal: the user is waiting), record, log, checkpoint."""
+        opts = self.opts
+        if ((opts.eval_every and step % opts.eval_every == 0) or last) and not stopping:
+            metrics["eval_loss"] = self.evaluate()
+        history.append(metrics)
+        self._record(metrics)
+        task.advance(1, size=metrics["tokens"])
+        if step % opts.log_every == 0 or last:
+            self._log(format_metrics(metrics, opts.steps))
+        if last or (opts.save_every and step % opts.save_every == 0):
+            where = ckpt.save(self.out, step, self.model, self.optimizer, self.world.is_main)
+            self._log(f"checkpoint {where}")
+
+
+class StopRequests:
+    """SIGINT or SIGTERM during training (Ctrl-C, a scheduler's preemption, torchrun forwarding either) asks for a
+    stop after the current step, with a checkpoint, so that --resume loses nothing; a second signal stops at once.
+    Handlers are installed only in the main thread: elsewhere the signals belong to the embedding program."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._saved: dict[int, object] = {}
+
+    def __enter__(self) -> "StopRequests":
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._saved[sig] = signal.getsignal(sig)
+                signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._saved.items():
+            signal.signal(sig, handler)
+        self._saved.clear()
+
+    def _handle(self, signum: int, frame) -> None:
+        if self.signum is not None:   # the second signal: now
+            self.__exit__()
+            raise self.exception(signum=signum)
+        self.signum = signum
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step with a checkpoint "
+                         "(again to stop at once)\n")
+
+    def exception(self, message: str = "", signum: int | None = None) -> BaseException:
+        return (KeyboardInterrupt if (signum or self.signum) == signal.SIGINT else Terminated)(message)
 
 
 def format_metrics(m: dict, steps: int) -> str:

@@ -54,3 +54,55 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path, capsys):
                     spec=TINY_SCOUT.replace("tiny-scout", "tiny-maverick"))
     assert "trained with spec 'tiny-scout'" in message and "spec.yaml" in message
     assert "already holds a training run" in error("--data", corpus, *out)
+
+
+def test_sigterm_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(corpus, tmp_path):
+    """A preempted run (SIGTERM, as a scheduler or torchrun sends it) saves the step it finished; --resume then
+    reproduces the uninterrupted losses."""
+    import signal
+    import subprocess
+    import sys
+    import time
+    run, whole = tmp_path / "run", tmp_path / "whole"
+    common = ["--data", str(corpus), "--steps", "500", "--warmup", "1", "--eval-fraction", "0"]
+    cmd = [sys.executable, "-m", "l4compile", "train", TINY_SCOUT, "--tokenizer", "bytes", "--seq-len", "32",
+           "--batch", "4", "--lr", "3e-3", "--threads", "1", *common]
+    proc = subprocess.Popen([*cmd, "-o", str(run)], stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while time.time() < deadline and proc.poll() is None:
+            metrics = run / "metrics.jsonl"
+            if metrics.is_file() and len(metrics.read_text().splitlines()) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        err = proc.communicate(timeout=120)[1]
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    stopped = max(losses(run))
+    assert 2 <= stopped < 500
+    assert (run / "checkpoints" / f"step-{stopped:06d}" / ".complete").is_file()
+    assert err.strip().splitlines()[-1] == (f"l4compile: terminated: stopped after step {stopped} with a checkpoint; "
+                                            f"continue with --resume {run}")
+    assert train(*common, "--resume", run, "--stop-after", 2) == 0
+    assert train(*common, "-o", whole, "--stop-after", stopped + 2) == 0
+    assert losses(run) == losses(whole)
+
+
+def test_bfloat16_autocast_trains_close_to_float32(corpus, tmp_path):
+    assert train("--data", corpus, "--steps", 3, "-o", tmp_path / "fp32") == 0
+    assert train("--data", corpus, "--steps", 3, "--dtype", "bfloat16", "-o", tmp_path / "bf16") == 0
+    fp32, bf16 = losses(tmp_path / "fp32"), losses(tmp_path / "bf16")
+    assert fp32 != bf16                                    # autocast really ran in bfloat16
+    assert all(abs(bf16[s] - fp32[s]) <= 0.02 * fp32[s] for s in fp32)
+
+
+@pytest.mark.slow
+def test_compile_gives_the_eager_losses(corpus, tmp_path):
+    """--compile (inductor, ~40 s to compile here) computes the eager model's function."""
+    assert train("--data", corpus, "--steps", 2, "-o", tmp_path / "eager") == 0
+    assert train("--data", corpus, "--steps", 2, "--compile", "-o", tmp_path / "compiled") == 0
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert eager.keys() == compiled.keys() and all(abs(eager[s] - compiled[s]) <= 1e-5 for s in eager)
