@@ -5,8 +5,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import sys
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ from l4compile.inspect import build_report, format_bytes
 from l4compile.ir.verify import verify
 from l4compile.lower import lower
 from l4compile.lower_vision import FEATURES, PIXELS, has_image_input, lower_vision, tokens_per_tile
-from l4compile.outdir import check_replaceable, replace_dir, staging_dir
+from l4compile.outdir import check_replaceable, require_space, staged
 from l4compile.passes.pipelines import DEFAULT_PIPELINE, load_pipeline, run_pipeline
 from l4compile.progress import current
 from l4compile.runtime import integrity
@@ -283,41 +281,31 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
         from l4compile.tokenizer_files import prepare_tokenizer
         tokenizer_files = prepare_tokenizer(options.tokenizer, spec.vocab_size)
     graph, results = compile_graph(spec, options, log, weights)
-    tmp = staging_dir(out_dir)
     try:
-        params = graph.params()
-        needed = sum(v.type.nbytes() for v in params)
-        free = shutil.disk_usage(tmp).free
-        if needed > free:
-            raise BuildError(f"the build needs {format_bytes(needed)} for weights but {tmp.parent} has only "
-                             f"{format_bytes(free)} free")
-        with progress.phase("write weights", total=len(params), unit="tensor", size_total=needed,
-                            detail=_stream_detail(options)) as task:
-            artifact = emit_onnx(graph, tmp, weights, DATA_FILE, _metadata(spec, options), task)
-        with progress.phase("check"):
-            onnx.save_model(artifact.model, tmp / MODEL_FILE)
-            onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
-        if has_image_input(spec):
-            with progress.phase("vision model"):
-                emit_vision(spec, options, tmp, weights)
-        manifest = _manifest(spec, graph, options, weights.description)
-        if tokenizer_files:
-            from l4compile.tokenizer_files import copy_tokenizer
-            files, text = copy_tokenizer(tokenizer_files, tmp)
-            manifest = dataclasses.replace(manifest, files={**manifest.files, **files}, text=text)
-        if options.target == "trt":  # compat report, then an engine or one line saying why not
-            from l4compile.trt.profiles import EngineOptions
-            from l4compile.trt.target import finish_build
-            manifest = finish_build(tmp, out_dir, manifest, options.engine or EngineOptions())
-        manifest = dataclasses.replace(manifest, checksums=integrity.record(tmp, {DATA_FILE: artifact.data_sha256}))
-        manifest.write(tmp)
-        notice = check_replaceable(out_dir, options.force)   # again: the directory may have changed meanwhile
-        if notice:
-            print(f"l4compile: {notice}", file=sys.stderr)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(out_dir, lambda out: check_replaceable(out, options.force)) as tmp:
+            params = graph.params()
+            require_space(tmp, sum(v.type.nbytes() for v in params))
+            with progress.phase("write weights", total=len(params), unit="tensor",
+                                size_total=sum(v.type.nbytes() for v in params), detail=_stream_detail(options)) as task:
+                artifact = emit_onnx(graph, tmp, weights, DATA_FILE, _metadata(spec, options), task)
+            with progress.phase("check"):
+                onnx.save_model(artifact.model, tmp / MODEL_FILE)
+                onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+            if has_image_input(spec):
+                with progress.phase("vision model"):
+                    emit_vision(spec, options, tmp, weights)
+            manifest = _manifest(spec, graph, options, weights.description)
+            if tokenizer_files:
+                from l4compile.tokenizer_files import copy_tokenizer
+                files, text = copy_tokenizer(tokenizer_files, tmp)
+                manifest = dataclasses.replace(manifest, files={**manifest.files, **files}, text=text)
+            if options.target == "trt":  # compat report, then an engine or one line saying why not
+                from l4compile.trt.profiles import EngineOptions
+                from l4compile.trt.target import finish_build
+                manifest = finish_build(tmp, out_dir, manifest, options.engine or EngineOptions())
+            manifest = dataclasses.replace(manifest,
+                                           checksums=integrity.record(tmp, {DATA_FILE: artifact.data_sha256}))
+            manifest.write(tmp)
     finally:
         weights.close()
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}

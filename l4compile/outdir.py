@@ -17,8 +17,11 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Callable, Iterator
 
 from l4compile.errors import BuildError
 
@@ -125,6 +128,33 @@ def staging_dir(out_dir: Path) -> Path:
     except OSError as exc:
         raise BuildError(f"cannot create {out_dir}: {exc.strerror or exc}"
                          + (f" ({exc.filename})" if exc.filename else "")) from None
+
+
+@contextmanager
+def staged(out_dir: Path, check: Callable[[Path], str | None] | None = None) -> Iterator[Path]:
+    """Write an output into the yielded temporary directory beside `out_dir`. When the block succeeds, `check`
+    runs again (the directory may have changed while we wrote; its notice, e.g. "replacing the build in ...",
+    goes to stderr) and the result replaces `out_dir`; when it fails in any way, the temporary is removed
+    and `out_dir` is as it was."""
+    tmp = staging_dir(out_dir)
+    try:
+        yield tmp
+        notice = check(Path(out_dir)) if check else None
+        if notice:
+            print(f"l4compile: {notice}", file=sys.stderr)
+        replace_dir(tmp, Path(out_dir))
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def require_space(directory: Path, needed: int, what: str = "weights") -> None:
+    """Refuse before writing when the file system of `directory` has less than `needed` bytes free."""
+    from l4compile.inspect import format_bytes
+    free = shutil.disk_usage(directory).free
+    if needed > free:
+        raise BuildError(f"the build needs {format_bytes(needed)} for {what} but {Path(directory).parent} has only "
+                         f"{format_bytes(free)} free")
 
 
 def remove_stale(parent: Path) -> list[str]:

@@ -12,7 +12,6 @@ directory appears complete or not at all.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -109,20 +108,16 @@ def export_checkpoint(spec: ModelSpec, tensors: Mapping[str, MappedTensor | Arra
         return array
 
     out_dir = Path(out_dir)
-    tmp = _staging_dir(out_dir)
+    _check_replaceable(out_dir)
     shards = _shards(plans, max_shard_bytes)
-    try:
+    from l4compile.outdir import staged
+    with staged(out_dir) as tmp:
         config = hf_multimodal_config_from_spec(spec, dtype) if multimodal else hf_config_from_spec(spec, dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         with current().phase("write shards", total=len(plans), unit="tensor",
                              size_total=sum(plan.nbytes for plan in plans),
                              detail=f"({len(shards)} safetensors file{'s' if len(shards) > 1 else ''})") as task:
             _write_shards(tmp, shards, produce)
-        from l4compile.outdir import replace_dir
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
     return ExportReport(out_dir, files, len(plans))
 
@@ -137,16 +132,14 @@ def _check_names(expected: set[str], given: set[str]) -> None:
                           + (f" ({len(extra) - 1} more)" if len(extra) > 1 else ""))
 
 
-def _staging_dir(out_dir: Path) -> Path:
-    """A temporary directory beside `out_dir`. An existing `out_dir` is replaced only when it holds
-    nothing but what an export writes (a tokenizer or anything else in it would be lost)."""
+def _check_replaceable(out_dir: Path) -> None:
+    """An existing `out_dir` is replaced only when it holds nothing but what an export writes (a tokenizer or
+    anything else in it would be lost)."""
     if out_dir.exists():
         foreign = [p.name for p in out_dir.iterdir() if not _written_by_export(p.name)] if out_dir.is_dir() else [""]
         if foreign:
             raise BuildError(f"{out_dir} exists and holds {foreign[0] or 'a file'}, which an export does not "
                              "write; refusing to overwrite it (choose a new directory)")
-    from l4compile.outdir import staging_dir
-    return staging_dir(out_dir)
 
 
 def _written_by_export(name: str) -> bool:

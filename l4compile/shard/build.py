@@ -19,8 +19,6 @@ prompt's images once, and the features (replicated, like the embeddings they rep
 from __future__ import annotations
 
 import dataclasses
-import shutil
-import sys
 import tempfile
 from pathlib import Path
 from typing import Callable
@@ -28,14 +26,13 @@ from typing import Callable
 import onnx
 
 from l4compile.build import (DATA_FILE, MODEL_FILE, VISION_DATA_FILE, VISION_FILE, BuildOptions, BuildReport,
-                             _manifest, _metadata, compile_graph, emit_vision, replace_dir, resolve_calibration)
+                             _manifest, _metadata, compile_graph, emit_vision, resolve_calibration)
 from l4compile.emit.onnx_emitter import emit_onnx
 from l4compile.errors import BuildError
-from l4compile.inspect import format_bytes
 from l4compile.ir.graph import Graph
 from l4compile.ir.ops_collective import DIST_COLLECTIVE
 from l4compile.lower_vision import has_image_input
-from l4compile.outdir import check_replaceable, staging_dir
+from l4compile.outdir import check_replaceable, require_space, staged
 from l4compile.progress import Task, current
 from l4compile.runtime import integrity
 from l4compile.runtime.manifest import Manifest
@@ -192,36 +189,27 @@ def build_sharded(spec: ModelSpec, out_dir: Path, weights: WeightSource, options
     check_replaceable(out_dir, options.force)
     graphs = rank_graphs(spec, options, log, weights)
     shard_plan(spec, options, graphs, gpu_memory).raise_if_unfit()
-    tmp = staging_dir(out_dir)
     tensors, largest = 0, 0
     try:
-        needed = sum(v.type.nbytes() for g in graphs for v in g.params())
-        if needed > shutil.disk_usage(tmp).free:
-            raise BuildError(f"the build needs {format_bytes(needed)} for weights but {tmp.parent} has only "
-                             f"{format_bytes(shutil.disk_usage(tmp).free)} free")
-        with progress.phase("write weights", total=sum(len(g.params()) for g in graphs), unit="tensor",
-                            size_total=needed, detail=f"({options.tp} ranks)") as task:
-            for rank, graph in enumerate(graphs):
-                _, big, reductions = write_rank(graph, tmp / RANK_DIR.format(rank=rank), weights,
-                                                _metadata(spec, options), task)
-                tensors, largest = tensors + len(graph.params()), max(largest, big)
-        if has_image_input(spec):
-            with progress.phase("vision model"):
-                vision = emit_vision(spec, options, tmp / RANK_DIR.format(rank=VISION_RANK), weights)
-            tensors, largest = tensors + vision.tensors, max(largest, vision.largest_tensor_bytes)
-        top, ranks = manifests(spec, graphs, options, weights.description, reductions)
-        if options.target == "trt":
-            top, ranks = _finish_trt(tmp, out_dir, top, ranks, options)
-        for rank, manifest in enumerate(ranks):
-            manifest.write(tmp / RANK_DIR.format(rank=rank))
-        dataclasses.replace(top, checksums=integrity.record(tmp)).write(tmp)
-        notice = check_replaceable(out_dir, options.force)
-        if notice:
-            print(f"l4compile: {notice}", file=sys.stderr)
-        replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        with staged(out_dir, lambda out: check_replaceable(out, options.force)) as tmp:
+            needed = sum(v.type.nbytes() for g in graphs for v in g.params())
+            require_space(tmp, needed)
+            with progress.phase("write weights", total=sum(len(g.params()) for g in graphs), unit="tensor",
+                                size_total=needed, detail=f"({options.tp} ranks)") as task:
+                for rank, graph in enumerate(graphs):
+                    _, big, reductions = write_rank(graph, tmp / RANK_DIR.format(rank=rank), weights,
+                                                    _metadata(spec, options), task)
+                    tensors, largest = tensors + len(graph.params()), max(largest, big)
+            if has_image_input(spec):
+                with progress.phase("vision model"):
+                    vision = emit_vision(spec, options, tmp / RANK_DIR.format(rank=VISION_RANK), weights)
+                tensors, largest = tensors + vision.tensors, max(largest, vision.largest_tensor_bytes)
+            top, ranks = manifests(spec, graphs, options, weights.description, reductions)
+            if options.target == "trt":
+                top, ranks = _finish_trt(tmp, out_dir, top, ranks, options)
+            for rank, manifest in enumerate(ranks):
+                manifest.write(tmp / RANK_DIR.format(rank=rank))
+            dataclasses.replace(top, checksums=integrity.record(tmp)).write(tmp)
     finally:
         weights.close()
     files = {str(p.relative_to(out_dir)): p.stat().st_size for p in sorted(out_dir.rglob("*")) if p.is_file()
