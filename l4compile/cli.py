@@ -198,10 +198,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     with progress.phase("load engine"):
         engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
     if args.prompt_ids is None:
-        if args.image:
+        if args.image_token_ids:
             from l4compile.runtime.errors import RuntimeInputError
-            raise RuntimeInputError("--image works with --prompt-ids for now (expand the text prompt's images "
-                                    "with Engine.prepare_images)")
+            raise RuntimeInputError("--image-token-ids goes with --prompt-ids: a text prompt's image tokens are "
+                                    "those of the build's tokenizer")
         from l4compile.text_cli import run_text
         return run_text(engine, args)
     max_new_tokens = 32 if args.max_new_tokens is None else args.max_new_tokens
@@ -306,8 +306,9 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"],
                    help="run with this backend instead of the manifest's (a TensorRT build's ONNX runs on onnxruntime)")
     p.add_argument("--image", action="append", metavar="FILE",
-                   help="an image (repeatable; needs Pillow): it replaces the next <|image|> id of --prompt-ids, "
-                        "or, without one, goes after the first token")
+                   help="an image (repeatable; needs Pillow): it replaces the next <|image|> of the prompt (an id "
+                        "of --prompt-ids, or the text <|image|> in --prompt), or, without one, goes first (after "
+                        "BOS; with --chat, as image parts before the text of the user message)")
     p.add_argument("--image-token-ids", type=_argtype(_id_list, "ids"), metavar="START,END,TILE_X,TILE_Y,IMAGE,PATCH",
                    help="the image prompt's token ids (default: Llama 4's, where the build's vocabulary is Llama 4's)")
     add_progress_args(p)

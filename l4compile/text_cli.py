@@ -12,7 +12,8 @@ from typing import Any, Callable, TextIO
 
 from l4compile.runtime.errors import RuntimeInputError
 
-CHAT_HELP = "commands: /reset (forget the conversation), /exit (or Ctrl-D); Ctrl-C stops an answer"
+CHAT_HELP = ("commands: /image PATH (attach an image to your next message), /reset (forget the conversation), "
+             "/exit (or Ctrl-D); Ctrl-C stops an answer")
 
 
 def add_text_run_args(p: argparse.ArgumentParser, prompt_group) -> None:
@@ -41,6 +42,15 @@ def read_prompt(args: argparse.Namespace) -> str:
         raise RuntimeInputError(f"--prompt-file {args.prompt_file}: cannot read it ({exc})") from None
 
 
+def user_content(text: str, images: list | None) -> str | list[dict[str, str]]:
+    """A user message's content: the text, with an image part per image before it unless the text marks
+    where they go with `<|image|>` (Llama 4's processor examples put images first)."""
+    from l4compile.runtime.image_prompts import IMAGE_PLACEHOLDER
+    if not images or IMAGE_PLACEHOLDER in text:
+        return text
+    return [{"type": "image"} for _ in images] + [{"type": "text", "text": text}]
+
+
 def write_stream(pieces, out: TextIO) -> str:
     """Write text pieces as they come; returns the whole text."""
     written = []
@@ -55,14 +65,15 @@ def run_text(engine, args: argparse.Namespace) -> int:
     """`run --prompt`: the completion (or, with --chat, the answer) on stdout."""
     prompt = read_prompt(args)
     options = sampling_options(args)
+    images = getattr(args, "image", None) or None
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
-                   [{"role": "user", "content": prompt}]
-        pieces = engine.chat_stream(messages, args.max_new_tokens, **options)
+                   [{"role": "user", "content": user_content(prompt, images)}]
+        pieces = engine.chat_stream(messages, args.max_new_tokens, images=images, **options)
     else:
         if args.system:
             raise RuntimeInputError("--system needs --chat")
-        pieces = engine.complete_stream(prompt, args.max_new_tokens, **options)
+        pieces = engine.complete_stream(prompt, args.max_new_tokens, images=images, **options)
     from l4compile.progress import current
     progress = current()
     with progress.phase("generate", live=not progress.shares_stdout):   # a line on stderr, with its time
@@ -78,20 +89,42 @@ class ChatSession:
     def __init__(self, engine, system: str | None = None, max_new_tokens: int | None = None) -> None:
         self.engine = engine
         self.system = [{"role": "system", "content": system}] if system else []
-        self.turns: list[dict[str, str]] = []
+        self.turns: list[dict[str, Any]] = []
         self.max_new_tokens = max_new_tokens
+        self.pending: list[tuple[Any, int]] = []   # images for the next message: (pixels [H, W, 3], prompt tokens)
+        self._image_tokens: dict[int, int] = {}    # id() of an image part of the turns -> its prompt's tokens
 
     def reset(self) -> None:
-        self.turns = []
+        self.turns, self.pending, self._image_tokens = [], [], {}
 
-    def messages_for(self, text: str, notice: Callable[[str], None]) -> list[dict[str, str]]:
-        """The conversation with `text` as the next user message, shortened to leave room for an answer."""
+    def attach(self, path: str) -> None:
+        """Read an image now (errors come at once) for the next user message; its prompt length is kept."""
+        import numpy as np
+        from l4compile.runtime.preprocess import load_image
+        tokens = self.engine.image_tokens()   # a text-only build says so
+        image = load_image(path)
+        self.pending.append((image, len(self.engine.prepare_images(np.array([tokens.image]), [image])[0][0])))
+
+    def _length(self, messages: list[dict[str, Any]]) -> int:
+        """Prompt tokens of a conversation: its rendered text, each image placeholder counted as its image's tokens."""
+        text = len(self.engine.tokenizer.encode(self.engine.render_chat(messages), add_special_tokens=False))
+        parts = [part for m in messages if isinstance(m["content"], list) for part in m["content"]
+                 if part.get("type") == "image"]
+        return text + sum(self._image_tokens.get(id(part), 1) - 1 for part in parts)
+
+    def messages_for(self, text: str, notice: Callable[[str], None]) -> list[dict[str, Any]]:
+        """The conversation with `text` (and the attached images) as the next user message, shortened to leave
+        room for an answer."""
         room = self.max_new_tokens if self.max_new_tokens is not None else min(256, self.engine.max_context // 4)
-        user = {"role": "user", "content": text}
+        user: dict[str, Any] = {"role": "user", "content": text}
+        if self.pending:
+            images = [{"type": "image", "image": image} for image, _ in self.pending]
+            self._image_tokens.update({id(part): count for part, (_, count) in zip(images, self.pending)})
+            user["content"] = images + [{"type": "text", "text": text}]
         dropped = 0
         while True:
             messages = self.system + self.turns + [user]
-            length = len(self.engine.tokenizer.encode(self.engine.render_chat(messages), add_special_tokens=False))
+            length = self._length(messages)
             if length + room <= self.engine.max_context or not self.turns:
                 break
             self.turns = self.turns[2:] if len(self.turns) > 1 else []
@@ -104,6 +137,7 @@ class ChatSession:
         """Stream the answer to `text` into `out`; Ctrl-C stops it (what was said so far is kept)."""
         messages = self.messages_for(text, notice)
         pieces = self.engine.chat_stream(messages, self.max_new_tokens, **options)
+        self.pending = []   # the images went with this message (an error above keeps them for the next try)
         said: list[str] = []
         try:
             for piece in pieces:
@@ -115,7 +149,7 @@ class ChatSession:
             notice("\n(stopped)")
         out.write("\n")
         out.flush()
-        self.turns += [{"role": "user", "content": text}, {"role": "assistant", "content": "".join(said)}]
+        self.turns += [messages[-1], {"role": "assistant", "content": "".join(said)}]
         return "".join(said)
 
 
@@ -150,6 +184,16 @@ def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr
         if text.strip() == "/reset":
             session.reset()
             notice("(conversation reset)")
+            continue
+        if text.strip().split(maxsplit=1)[0] == "/image":
+            path = text.strip()[len("/image"):].strip()
+            try:
+                if not path:
+                    raise RuntimeInputError("/image needs a file: /image PATH")
+                session.attach(path)
+                notice(f"(image {path} attached to your next message)")
+            except L4Error as exc:
+                notice(f"error: {exc}")
             continue
         try:
             session.answer(text, stdout, notice, **options)

@@ -104,7 +104,7 @@ def _plain(value: Any) -> Any:
         return [_plain(item) for item in value]
     if isinstance(value, tuple):
         return tuple(_plain(item) for item in value)
-    if hasattr(value, "item") and callable(value.item):   # numpy scalars
+    if hasattr(value, "item") and callable(value.item) and getattr(value, "shape", ()) == ():   # numpy scalars
         return _plain(value.item())
     return f"<{type(value).__name__}>"
 

@@ -20,6 +20,7 @@ from l4compile.runtime.kv_cache import KVCache
 from l4compile.runtime.manifest import Manifest
 from l4compile.runtime.sampling import Sampling
 from l4compile.runtime.text_api import TextGeneration
+from l4compile.runtime.preprocess import ImageTokens
 from l4compile.runtime.vision import VisionEncoder
 
 
@@ -108,19 +109,28 @@ class Engine(TextGeneration):
             raise RuntimeInputError(f"{self.directory} is a text-only build: it has no vision model")
         return self.vision.encode(pixel_values)
 
+    def image_tokens(self) -> "ImageTokens":
+        """The ImageTokens of this build's image prompts: Llama 4's ids where the vocabulary is Llama 4's, else
+        those its tokenizer names (`<|image_start|>`, ..., `<|patch|>`)."""
+        if self.vision is None:
+            raise RuntimeInputError(f"{self.directory} is a text-only build: it takes no images")
+        if self.vision.info.get("prompt_tokens"):
+            return ImageTokens(**self.vision.info["prompt_tokens"])
+        if self.has_tokenizer:
+            from l4compile.runtime.image_prompts import tokens_of
+            tokens = tokens_of(self.tokenizer)
+            if tokens is not None:
+                return tokens
+        raise RuntimeInputError("this build's vocabulary has no known image prompt tokens; pass tokens="
+                                "ImageTokens(image_start, image_end, tile_x, tile_y, image, patch)")
+
     def prepare_images(self, ids, images: list, tokens=None, max_tiles: int = 16) -> tuple[np.ndarray, np.ndarray]:
         """One prompt ids [seq] with an `<|image|>` placeholder per image, and the images (files, PIL images or
         arrays [H, W, 3]) -> (ids [1, seq'] expanded with each image's tokens, pixel_values [tiles, 3, S, S]) for
-        `logits` / `generate` / `stream`. `tokens` (an ImageTokens) defaults to the build's (Llama 4's ids)."""
-        from l4compile.runtime.preprocess import ImageTokens, expand_prompt, preprocess_image
-        if self.vision is None:
-            raise RuntimeInputError(f"{self.directory} is a text-only build: it takes no images")
+        `logits` / `generate` / `stream`. `tokens` (an ImageTokens) defaults to `image_tokens()`."""
+        from l4compile.runtime.preprocess import expand_prompt, preprocess_image
+        tokens = tokens or self.image_tokens()   # a text-only build fails here
         info = self.vision.info
-        if tokens is None:
-            if not info.get("prompt_tokens"):
-                raise RuntimeInputError("this build's vocabulary has no known image prompt tokens; pass tokens="
-                                        "ImageTokens(image_start, image_end, tile_x, tile_y, image, patch)")
-            tokens = ImageTokens(**info["prompt_tokens"])
         if tokens.patch != self.vision.image_token:
             raise RuntimeInputError(f"the patch token {tokens.patch} is not this model's image token "
                                     f"{self.vision.image_token}")

@@ -22,7 +22,8 @@ TEXT_FILES_HINT = ("rebuild with `--tokenizer DIR` (a directory holding the chec
 
 
 class TextGeneration:
-    """Text methods of an Engine; needs `manifest`, `directory`, `max_context`, `stream` and `generate`."""
+    """Text methods of an Engine; needs `manifest`, `directory`, `max_context`, `stream`, `generate`, `vision`
+    and `prepare_images`."""
 
     _tokenizer = None
     _chat_template = None
@@ -84,6 +85,45 @@ class TextGeneration:
     def render_chat(self, messages: Sequence[dict], add_generation_prompt: bool = True, **variables: Any) -> str:
         return self.chat_template.render(messages, add_generation_prompt, **variables)
 
+    # ---- prompts with images (a vision build) -----------------------------------
+    def prepare_prompt(self, text: str, images: Sequence[Any] | None = None,
+                       add_special_tokens: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
+        """Text with one `<|image|>` per image, and the images (paths, PIL images or arrays [H, W, 3]) -> (ids [seq],
+        pixel_values [tiles, C, S, S] or None): the ids of transformers' `Llama4Processor(text=text, images=images)`.
+        Text without `<|image|>` gets the images at its start (after BOS)."""
+        from l4compile.runtime.image_prompts import IMAGE_PLACEHOLDER
+        images = list(images or [])
+        if images and IMAGE_PLACEHOLDER not in text:
+            text = IMAGE_PLACEHOLDER * len(images) + text
+        return self._with_images(self.encode_prompt(text, add_special_tokens), images, "prompt")
+
+    def prepare_chat(self, messages: Sequence[dict], images: Sequence[Any] | None = None,
+                     add_generation_prompt: bool = True, **variables: Any) -> tuple[np.ndarray, np.ndarray | None]:
+        """A conversation whose content parts may be images (`{"type": "image", "image": PATH}`, or bare
+        `{"type": "image"}` parts with `images=[...]` in order) -> (ids [seq], pixel_values or None): the ids of
+        transformers' `Llama4Processor.apply_chat_template(messages, tokenize=True, add_generation_prompt=True)`."""
+        from l4compile.runtime.image_prompts import chat_images, images_for_placeholders
+        found = chat_images(messages)
+        if self.vision is None and images is None:   # a text-only build renders bare image parts as text
+            found = [image for image in found if image is not None]
+        images = images_for_placeholders(found, images)
+        return self._with_images(self.encode_chat(messages, add_generation_prompt, **variables), images, "chat")
+
+    def _with_images(self, ids: np.ndarray, images: list[Any], what: str) -> tuple[np.ndarray, np.ndarray | None]:
+        """Each `<|image|>` token of ids replaced by its image's tokens; the images' tiles."""
+        if not images:
+            if self.vision is not None and self._image_placeholders(ids):
+                raise RuntimeInputError(f"the {what} has {self._image_placeholders(ids)} image placeholders "
+                                        f"(<|image|>) but no images were given")
+            return ids, None
+        expanded, pixels = self.prepare_images(ids, images)   # a text-only build says it takes no images
+        return self._checked_prompt(expanded[0].tolist(), f"{what} with its images"), pixels
+
+    def _image_placeholders(self, ids: np.ndarray) -> int:
+        from l4compile.runtime.image_prompts import IMAGE_PLACEHOLDER
+        placeholder = self.tokenizer.token_id(IMAGE_PLACEHOLDER)
+        return 0 if placeholder is None else int((ids == placeholder).sum())
+
     def _checked_prompt(self, ids: list[int], what: str) -> np.ndarray:
         if not ids:
             raise RuntimeInputError(f"the {what} is empty after tokenization")
@@ -108,16 +148,18 @@ class TextGeneration:
                 "top_k": defaults.get("top_k", 0) if top_k is None else top_k,
                 "top_p": defaults.get("top_p", 1.0) if top_p is None else top_p}
 
-    def _token_stream(self, ids: np.ndarray, seed: int | None, settings: dict[str, Any]) -> Iterator[int]:
+    def _token_stream(self, ids: np.ndarray, seed: int | None, settings: dict[str, Any],
+                      pixel_values: np.ndarray | None = None) -> Iterator[int]:
         """New tokens of one prompt, without the stop token that ends them."""
         stops = set(settings["stop_tokens"])
-        for token in self.stream(ids, seed=seed, **settings):
+        for token in self.stream(ids, seed=seed, pixel_values=pixel_values, **settings):
             if token in stops:
                 return
             yield token
 
-    def _text_stream(self, ids: np.ndarray, seed: int | None, settings: dict[str, Any]) -> Iterator[str]:
-        tokens = self._token_stream(ids, seed, settings)
+    def _text_stream(self, ids: np.ndarray, seed: int | None, settings: dict[str, Any],
+                     pixel_values: np.ndarray | None = None) -> Iterator[str]:
+        tokens = self._token_stream(ids, seed, settings, pixel_values)
         decoder = self.tokenizer.stream_decoder()
         for token in tokens:
             piece = decoder.step(token)
@@ -130,11 +172,13 @@ class TextGeneration:
     # ---- the text API ----------------------------------------------------------
     def complete_stream(self, prompt: str, max_new_tokens: int | None = None, *, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        stop_tokens: Sequence[int] | None = None) -> Iterator[str]:
-        """Continue `prompt`; yields text pieces as they become final (they concatenate to `complete`'s text)."""
-        ids = self.encode_prompt(prompt)
+                        stop_tokens: Sequence[int] | None = None, images: Sequence[Any] | None = None) -> Iterator[str]:
+        """Continue `prompt`; yields text pieces as they become final (they concatenate to `complete`'s text).
+        A vision build takes `images` (paths, PIL images or arrays), placed at the prompt's `<|image|>`s
+        (`prepare_prompt`)."""
+        ids, pixels = self.prepare_prompt(prompt, images)
         return self._text_stream(ids, seed, self._text_options(len(ids), max_new_tokens, temperature, top_k, top_p,
-                                                            stop_tokens))
+                                                            stop_tokens), pixels)
 
     def complete(self, prompt: str, max_new_tokens: int | None = None, **options: Any) -> str:
         """Continue `prompt`: the generated text (special tokens and the stop token left out)."""
@@ -143,11 +187,13 @@ class TextGeneration:
     def chat_stream(self, messages: Sequence[dict], max_new_tokens: int | None = None, *,
                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop_tokens: Sequence[int] | None = None,
-                    template_variables: dict[str, Any] | None = None) -> Iterator[str]:
-        """The assistant's answer to `messages` ([{"role": ..., "content": ...}, ...]), as streamed text pieces."""
-        ids = self.encode_chat(messages, True, **(template_variables or {}))
+                    template_variables: dict[str, Any] | None = None,
+                    images: Sequence[Any] | None = None) -> Iterator[str]:
+        """The assistant's answer to `messages` ([{"role": ..., "content": ...}, ...]), as streamed text pieces.
+        A vision build takes image parts in the messages (`prepare_chat`)."""
+        ids, pixels = self.prepare_chat(messages, images, True, **(template_variables or {}))
         return self._text_stream(ids, seed, self._text_options(len(ids), max_new_tokens, temperature, top_k, top_p,
-                                                            stop_tokens))
+                                                            stop_tokens), pixels)
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, **options: Any) -> str:
         """The assistant's answer to `messages`, rendered with the build's chat template."""
