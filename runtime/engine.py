@@ -35,7 +35,7 @@ class Engine(TextGeneration):
         self.directory = directory
         self.manifest = manifest
         self.backend = backend
-        self.vision = vision      # the vision model of a multimodal build (runs on onnxruntime), else None
+        self.vision = vision      # the vision model of a multimodal build (onnxruntime or TensorRT), else None
         self._kv = manifest.kv_cache
 
     @classmethod
@@ -58,21 +58,19 @@ class Engine(TextGeneration):
             raise BuildDirError(f"{directory}: a sharded TensorRT build runs one engine per GPU: "
                                 f"python -m l4compile.runtime.trt_launcher {directory} (or backend='onnxruntime' "
                                 "to run every rank here on CPU)")
-        vision = VisionEncoder.load(directory, manifest, providers, threads) if manifest.vision else None
         if sharded and name == "onnxruntime":   # every rank in this process, host-reduced
             from l4compile.runtime.sharded_backend import ShardedOnnxRuntimeBackend
-            return cls(directory, manifest, ShardedOnnxRuntimeBackend.load(directory, manifest, providers, threads),
-                       vision)
-        if name == "onnxruntime":
+            text = ShardedOnnxRuntimeBackend.load(directory, manifest, providers, threads)
+        elif name == "onnxruntime":
             from l4compile.runtime.ort_backend import OnnxRuntimeBackend
-            return cls(directory, manifest, OnnxRuntimeBackend.load(directory, manifest, providers, threads), vision)
-        if name == "tensorrt":
-            if vision is not None:
-                raise BuildDirError(f"{directory}: a vision build runs on onnxruntime only for now "
-                                    "(load it with backend='onnxruntime')")
+            text = OnnxRuntimeBackend.load(directory, manifest, providers, threads)
+        elif name == "tensorrt":   # a vision build's vision engine runs on TensorRT too
             from l4compile.runtime.trt_backend import TensorRTBackend
-            return cls(directory, manifest, TensorRTBackend.load(directory, manifest))
-        raise BuildDirError(f"{directory}: backend {name!r} is not available in this runtime")
+            text = TensorRTBackend.load(directory, manifest)
+        else:
+            raise BuildDirError(f"{directory}: backend {name!r} is not available in this runtime")
+        vision = VisionEncoder.load(directory, manifest, providers, threads, name) if manifest.vision else None
+        return cls(directory, manifest, text, vision)
 
     @property
     def vocab_size(self) -> int:

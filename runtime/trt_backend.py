@@ -10,6 +10,7 @@ profile 1 one-token decode steps (l4compile.trt.profiles).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +35,14 @@ def _import_tensorrt() -> tuple[Any, Any]:
 class TensorRTBackend:
     """Binds inputs and outputs by name (set_input_shape / set_tensor_address) and runs execute_async_v3."""
 
-    def __init__(self, trt: Any, cudart: Any, runtime: Any, engine: Any, manifest: Manifest) -> None:
+    def __init__(self, trt: Any, cudart: Any, runtime: Any, engine: Any, manifest: Manifest,
+                 limits: dict[str, Any] | None = None) -> None:
         self._trt, self._cudart, self._runtime, self._engine = trt, cudart, runtime, engine
         self._kv = manifest.kv_cache
-        self._limits = manifest.trt or {}
+        self._limits = (manifest.trt or {}) if limits is None else limits
+        # a vision build's text engine reads image features ([0, hidden] at a step without images)
+        self._features = (manifest.vision or {}).get("features_input")
+        self._hidden = (manifest.vision or {}).get("hidden_size")
         self._stream = self._cuda(cudart.cudaStreamCreate())
         self._handle = int(self._stream)    # TensorRT takes the stream as an integer handle
         self._contexts = []
@@ -61,34 +66,43 @@ class TensorRTBackend:
         if "engine" not in manifest.files or not plan.is_file():
             raise BuildDirError(f"{directory}: the manifest names TensorRT but the engine file is missing; "
                                 f"run: l4compile engine {directory}")
-        try:
-            trt, cudart = _import_tensorrt()
-        except ImportError as exc:
-            raise BuildDirError(f"{directory}: this build runs on TensorRT, but {exc.name} is not installed "
-                                "(pip install -e '.[trt]' on a GPU host), or run its ONNX on onnxruntime: "
-                                "`l4compile run --backend onnxruntime`, Engine.load(..., backend='onnxruntime')") \
-                from None
-        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))   # kept: it must outlive the engine
-        engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-        if engine is None:
-            raise BuildDirError(f"{directory}: TensorRT {trt.__version__} could not load {plan.name} (built by "
-                                f"TensorRT {(manifest.trt or {}).get('tensorrt_version')} or for another GPU?); "
-                                f"rebuild it here: l4compile engine {directory}")
-        return cls(trt, cudart, runtime, engine, manifest)
+        return cls(*_deserialize(directory, plan, manifest.trt or {}), manifest)
+
+    @classmethod
+    def load_vision(cls, directory: Path, manifest: Manifest) -> "TensorRTVisionRunner":
+        """The vision engine of a vision build (vision.plan), behind the session interface VisionEncoder runs."""
+        vision = manifest.vision or {}
+        recorded = vision.get("trt") or {}
+        plan = directory / ((vision.get("files") or {}).get("engine") or "vision.plan")
+        if recorded.get("status") != "built" or not plan.is_file():
+            raise BuildDirError(f"{directory}: the manifest names TensorRT but the vision engine is missing; "
+                                f"run: l4compile engine {directory}")
+        no_text = dataclasses.replace(manifest, kv_cache=None, vision=None)
+        backend = cls(*_deserialize(directory, plan, recorded), no_text, recorded)
+        return TensorRTVisionRunner(backend, int(recorded["max_tiles"]))
 
     def set_communicator(self, communicator: Any) -> None:
         """A rank of a sharded build: the NCCL communicator (a PyCapsule "ncclComm_t") its collectives use."""
         for context in self._contexts:
             context.set_communicator(communicator)
 
-    def forward(self, ids: np.ndarray) -> np.ndarray:
-        """A build without a KV cache: ids -> logits."""
-        return self._run(PREFILL, {"input_ids": ids}, {})["logits"]
+    def _text_inputs(self, ids: np.ndarray, image_features: np.ndarray | None) -> dict[str, np.ndarray]:
+        if self._features is None:
+            return {"input_ids": ids}
+        if image_features is None:
+            image_features = np.zeros((0, self._hidden), self._dtypes[self._features])
+        return {"input_ids": ids, self._features: image_features}
 
-    def step(self, ids: np.ndarray, cache: KVCache, logits_start: int) -> np.ndarray:
-        """Run `ids` after the cached positions; new keys/values go into the cache."""
+    def forward(self, ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
+        """A build without a KV cache: ids -> logits."""
+        return self._run(PREFILL, self._text_inputs(ids, image_features), {})["logits"]
+
+    def step(self, ids: np.ndarray, cache: KVCache, logits_start: int,
+             image_features: np.ndarray | None = None) -> np.ndarray:
+        """Run `ids` after the cached positions; new keys/values go into the cache. A vision build's engine
+        also reads the image features of the step's image tokens (none at decode steps)."""
         kv = self._kv
-        feeds = {"input_ids": ids, kv["past_length"]: np.array(cache.length, dtype=np.int64),
+        feeds = {**self._text_inputs(ids, image_features), kv["past_length"]: np.array(cache.length, dtype=np.int64),
                  kv["logits_start"]: np.array(logits_start, dtype=np.int64)}
         for layer, (keys, values) in zip(cache.layers, cache.views()):
             feeds[kv["past_key"].format(i=layer.index)] = keys
@@ -183,3 +197,34 @@ class TensorRTBackend:
             self.close()
         except Exception:
             pass
+
+
+class TensorRTVisionRunner:
+    """A vision engine behind the `run(outputs, feeds)` of an onnxruntime session (runtime/vision.py): pixel
+    tiles in batches of at most `max_tiles` (the engine's profile), image features concatenated in order."""
+
+    def __init__(self, backend: TensorRTBackend, max_tiles: int) -> None:
+        self.backend, self.max_tiles = backend, max_tiles
+
+    def run(self, outputs: list[str], feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        (name, pixels), = feeds.items()
+        parts = [self.backend._run(PREFILL, {name: pixels[start:start + self.max_tiles]}, {})[outputs[0]]
+                 for start in range(0, len(pixels), self.max_tiles)]
+        return [np.concatenate(parts)]
+
+
+def _deserialize(directory: Path, plan: Path, recorded: dict[str, Any]) -> tuple[Any, Any, Any, Any]:
+    """(tensorrt, cudart, runtime, engine) of a serialized engine, or one BuildDirError saying why not."""
+    try:
+        trt, cudart = _import_tensorrt()
+    except ImportError as exc:
+        raise BuildDirError(f"{directory}: this build runs on TensorRT, but {exc.name} is not installed "
+                            "(pip install -e '.[trt]' on a GPU host), or run its ONNX on onnxruntime: "
+                            "`l4compile run --backend onnxruntime`, Engine.load(..., backend='onnxruntime')") from None
+    runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))   # kept: it must outlive the engine
+    engine = runtime.deserialize_cuda_engine(plan.read_bytes())
+    if engine is None:
+        raise BuildDirError(f"{directory}: TensorRT {trt.__version__} could not load {plan.name} (built by "
+                            f"TensorRT {recorded.get('tensorrt_version')} or for another GPU?); "
+                            f"rebuild it here: l4compile engine {directory}")
+    return trt, cudart, runtime, engine

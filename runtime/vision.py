@@ -12,7 +12,9 @@ from l4compile.runtime.manifest import Manifest
 
 
 class VisionEncoder:
-    """Runs the build's vision model (onnxruntime): pixel_values [tiles, C, S, S] -> [tiles * tokens_per_tile, hidden]."""
+    """Runs the build's vision model: pixel_values [tiles, C, S, S] -> [tiles * tokens_per_tile, hidden], on
+    onnxruntime or, where the build has a vision engine and runs on TensorRT, on TensorRT (`session` is an
+    onnxruntime session or runtime/trt_backend.py's TensorRTVisionRunner: anything with `run(outputs, feeds)`)."""
 
     def __init__(self, info: dict, session) -> None:
         self.info = info
@@ -24,8 +26,11 @@ class VisionEncoder:
 
     @classmethod
     def load(cls, directory: Path, manifest: Manifest, providers: list[str] | None = None,
-             threads: int | None = None) -> "VisionEncoder":
+             threads: int | None = None, backend: str = "onnxruntime") -> "VisionEncoder":
         info = manifest.vision
+        if backend == "tensorrt":
+            from l4compile.runtime.trt_backend import TensorRTBackend
+            return cls(info, TensorRTBackend.load_vision(directory, manifest))
         model = directory / info["files"]["model"]
         if not model.is_file():
             raise BuildDirError(f"{directory}: vision model file {info['files']['model']} is missing")

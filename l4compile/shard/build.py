@@ -131,10 +131,8 @@ def manifests(spec: ModelSpec, graphs: list[Graph], options: BuildOptions, weigh
             {**m.vision, "files": None, "rank": VISION_RANK}   # features come from rank 0's encoder
         ranks.append(dataclasses.replace(m, layers=layers, sharding={"tp": tp, "rank": rank}, vision=vision))
     top = ranks[0]
-    if top.vision is not None:   # paths from the top-level directory
-        folder = RANK_DIR.format(rank=VISION_RANK)
-        top = dataclasses.replace(top, vision={**top.vision, "rank": VISION_RANK, "files": {
-            role: f"{folder}/{name}" for role, name in top.vision["files"].items()}})
+    if top.vision is not None:
+        top = dataclasses.replace(top, vision=top_level_vision(top.vision, RANK_DIR.format(rank=VISION_RANK)))
     files = {}
     for rank in range(tp):
         folder = RANK_DIR.format(rank=rank)
@@ -145,6 +143,11 @@ def manifests(spec: ModelSpec, graphs: list[Graph], options: BuildOptions, weigh
     top = dataclasses.replace(top, files=files, layers=[dataclasses.replace(layer, num_kv_heads=local * tp)
                                                         for layer in top.layers], sharding=sharding)
     return top, ranks
+
+
+def top_level_vision(vision: dict, folder: str) -> dict:
+    """The top-level manifest's `vision`: rank 0's (the encoder's rank), its file names from the top directory."""
+    return {**vision, "rank": VISION_RANK, "files": {role: f"{folder}/{name}" for role, name in vision["files"].items()}}
 
 
 def dry_run_sharded(spec: ModelSpec, options: BuildOptions, gpu_memory: int | None,
@@ -229,4 +232,5 @@ def _finish_trt(tmp: Path, out_dir: Path, top: Manifest, ranks: list[Manifest],
         quiet = (lambda *_: None) if rank else (lambda line: log(line.replace(str(out_dir / folder), str(out_dir))))
         done.append(finish_build(tmp / folder, out_dir / folder, manifest, options.engine or EngineOptions(), quiet))
     backend = "tensorrt" if all(m.backend == "tensorrt" for m in done) else "onnxruntime"
-    return dataclasses.replace(top, backend=backend, trt=done[0].trt), done
+    vision = top_level_vision(done[VISION_RANK].vision, RANK_DIR.format(rank=VISION_RANK)) if top.vision else None
+    return dataclasses.replace(top, backend=backend, trt=done[0].trt, vision=vision), done

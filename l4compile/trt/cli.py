@@ -8,9 +8,9 @@ from pathlib import Path
 from typing import Callable
 
 from l4compile.errors import BuildError
-from l4compile.trt.profiles import DEFAULT_MAX_SEQ, PRECISIONS, EngineOptions
+from l4compile.trt.profiles import DEFAULT_MAX_SEQ, DEFAULT_MAX_TILES, PRECISIONS, EngineOptions
 
-FLAGS = ("precision", "max_batch", "max_seq", "timing_cache")
+FLAGS = ("precision", "max_batch", "max_seq", "timing_cache", "max_tiles")
 
 
 def add_engine_args(p: argparse.ArgumentParser, positive_int: Callable[[str], int]) -> None:
@@ -21,6 +21,8 @@ def add_engine_args(p: argparse.ArgumentParser, positive_int: Callable[[str], in
                    help=f"longest sequence, prompt plus generated tokens (default min(context, {DEFAULT_MAX_SEQ}))")
     p.add_argument("--timing-cache", type=Path, help="TensorRT timing cache to reuse and update "
                    "(default BUILD_DIR/timing.cache)")
+    p.add_argument("--max-tiles", type=positive_int, help="a vision build: the largest batch of image tiles its "
+                   f"vision engine runs at once (default {DEFAULT_MAX_TILES}; more are encoded in batches)")
 
 
 def engine_options(args: argparse.Namespace) -> EngineOptions:
@@ -28,7 +30,7 @@ def engine_options(args: argparse.Namespace) -> EngineOptions:
     if given and getattr(args, "target", "trt") != "trt":
         flags = ", ".join("--" + f.replace("_", "-") for f in given)
         raise BuildError(f"{flags}: TensorRT engine options apply to --target trt only")
-    return EngineOptions(args.precision, args.max_batch, args.max_seq, args.timing_cache)
+    return EngineOptions(args.precision, args.max_batch, args.max_seq, args.timing_cache, args.max_tiles)
 
 
 def cmd_engine(args: argparse.Namespace) -> int:
@@ -39,8 +41,10 @@ def cmd_engine(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"command": "engine", "build": str(args.build), "trt": trt, **current().report()}, indent=2))
         return 0
+    vision = (manifest.vision or {}).get("trt") or {}
+    also = f" and vision engine ({vision['precision']}, max {vision['max_tiles']} tiles)" if vision else ""
     print(f"built TensorRT engine {Path(args.build) / trt['engine']} ({trt['precision']}, max batch "
-          f"{trt['max_batch']}, max seq {trt['max_seq']}); `l4compile run {args.build}` now uses TensorRT")
+          f"{trt['max_batch']}, max seq {trt['max_seq']}){also}; `l4compile run {args.build}` now uses TensorRT")
     return 0
 
 

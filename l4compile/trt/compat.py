@@ -103,9 +103,10 @@ class CompatReport:
         lines += [f"PROBLEM {p.line()}" for p in self.problems]
         return "\n".join(lines) + "\n"
 
-    def write(self, directory: Path) -> None:
-        (Path(directory) / REPORT_JSON).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-        (Path(directory) / REPORT_TEXT).write_text(self.to_text())
+    def write(self, directory: Path, stem: str = "compat") -> None:
+        """STEM.json and STEM.txt (compat.json / compat.txt for the model; vision_compat.* for a vision model)."""
+        (Path(directory) / f"{stem}.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        (Path(directory) / f"{stem}.txt").write_text(self.to_text())
 
     def raise_if_incompatible(self) -> None:
         """One line naming the first node, its op and the reason; the count of any others."""

@@ -19,8 +19,10 @@ from l4compile.errors import BuildError
 from l4compile.runtime.manifest import Manifest
 
 ENGINE_FILE = "model.plan"
+VISION_ENGINE_FILE = "vision.plan"   # a vision build's second engine: pixel tiles -> image features
 TIMING_CACHE_FILE = "timing.cache"
 DEFAULT_MAX_SEQ = 4096
+DEFAULT_MAX_TILES = 17               # Llama 4's largest image: 16 tiles and its global thumbnail
 PRECISIONS = ("fp32", "fp16", "bf16", "fp8")
 # BuilderFlag members per precision. FP8 kernels come from the model's explicit FP8 Q/DQ nodes;
 # the layers around them run in fp16.
@@ -43,6 +45,7 @@ class EngineOptions:
     max_batch: int | None = None
     max_seq: int | None = None
     timing_cache: Path | None = None
+    max_tiles: int | None = None     # the vision engine's largest batch of tiles
 
 
 @dataclass(frozen=True)
@@ -121,6 +124,22 @@ def profiles(manifest: Manifest, limits: EngineLimits) -> list[Profile]:
         result.append(_profile("decode", manifest, decode, {
             kv["past_length"]: (1, decode["past"][1] + 1, s - 1), kv["logits_start"]: (0, 0, 0)}))
     return result
+
+
+def vision_profile(vision: dict[str, Any], max_tiles: int) -> Profile:
+    """The vision engine's one profile: 1..max_tiles tiles of pixels (the runtime encodes more in batches)."""
+    c, s = vision["num_channels"], vision["image_size"]
+    return Profile("vision", {vision["input"]: ((1, c, s, s), (max_tiles, c, s, s), (max_tiles, c, s, s))}, {})
+
+
+def vision_limits(vision: dict[str, Any], limits: EngineLimits, options: EngineOptions) -> tuple[str, int]:
+    """(precision, max tiles) of the vision engine: the text engine's precision (fp16 where that is fp8: the
+    vision model is never quantized, so it has no FP8 Q/DQ), the tile count asked for, recorded, or 17."""
+    precision = "fp16" if limits.precision == "fp8" else limits.precision
+    max_tiles = options.max_tiles or (vision.get("trt") or {}).get("max_tiles") or DEFAULT_MAX_TILES
+    if max_tiles < 1:
+        raise BuildError(f"--max-tiles must be >= 1, got {max_tiles}")
+    return precision, max_tiles
 
 
 def _profile(name: str, manifest: Manifest, dims: dict[str, Range3], values: dict[str, Range3]) -> Profile:

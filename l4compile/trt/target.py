@@ -11,8 +11,11 @@ from l4compile.progress import current
 from l4compile.runtime.manifest import MANIFEST_FILE, Manifest
 from l4compile.trt import builder
 from l4compile.trt.compat import REPORT_JSON, CompatReport, check_file
-from l4compile.trt.profiles import (ENGINE_FILE, TIMING_CACHE_FILE, EngineLimits, EngineOptions, profiles,
-                                    resolve_limits, with_engine, with_engine_pending)
+from l4compile.trt.profiles import (ENGINE_FILE, TIMING_CACHE_FILE, VISION_ENGINE_FILE, EngineLimits, EngineOptions,
+                                    builder_flags, profiles, resolve_limits, vision_limits, vision_profile,
+                                    with_engine, with_engine_pending)
+
+VISION_REPORT = "vision_compat"   # vision_compat.json / .txt: the vision model's check against TensorRT's parser
 
 
 def checked(directory: Path, manifest: Manifest) -> CompatReport:
@@ -35,8 +38,38 @@ def finish_build(directory: Path, final_dir: Path, manifest: Manifest, options: 
     if reason is not None:
         log(f"no TensorRT engine: {reason}; the TensorRT-ready ONNX and {REPORT_JSON} are written; "
             f"build the engine later on a GPU host with TensorRT: l4compile engine {final_dir}")
-        return with_engine_pending(manifest, limits, reason)
-    return _build(directory, manifest, limits, options.timing_cache, log)
+        return finish_vision(directory, with_engine_pending(manifest, limits, reason), limits, options, reason, log)
+    manifest = _build(directory, manifest, limits, options.timing_cache, log)
+    return finish_vision(directory, manifest, limits, options, None, log)
+
+
+def finish_vision(directory: Path, manifest: Manifest, limits: EngineLimits, options: EngineOptions,
+                  reason: str | None, log: Callable[[str], None] | None = None) -> Manifest:
+    """A vision build's second engine, from vision.onnx: its compat report (vision_compat.json), then the engine
+    (vision.plan, one profile of 1..max_tiles tiles) or, where `reason` says there is no TensorRT, pending.
+    A manifest without a vision model of its own (text only; ranks > 0 of a sharded build) is returned as is."""
+    vision = manifest.vision
+    if not vision or not vision.get("files"):
+        return manifest
+    model = Path(directory) / vision["files"]["model"]
+    with current().phase("compat check"):
+        report = check_file(model)
+    report.write(directory, VISION_REPORT)
+    report.raise_if_incompatible()
+    precision, max_tiles = vision_limits(vision, limits, options)
+    profile = vision_profile(vision, max_tiles)
+    flags = builder_flags(precision)
+    section = {"precision": precision, "flags": list(flags), "max_tiles": max_tiles, "profiles": [profile.to_dict()],
+               "compat_report": f"{VISION_REPORT}.json"}
+    files = {role: name for role, name in vision["files"].items() if role != "engine"}
+    if reason is not None:
+        return dataclasses.replace(manifest, vision={**vision, "files": files, "trt": {
+            **section, "status": "pending", "reason": reason, "engine": None, "tensorrt_version": None}})
+    version = builder.build_engine(model, Path(directory) / VISION_ENGINE_FILE, [profile], flags,
+                                   options.timing_cache or Path(directory) / TIMING_CACHE_FILE, log,
+                                   EngineLimits(precision, 1, 1).cleared_flags)
+    return dataclasses.replace(manifest, vision={**vision, "files": {**files, "engine": VISION_ENGINE_FILE}, "trt": {
+        **section, "status": "built", "reason": None, "engine": VISION_ENGINE_FILE, "tensorrt_version": version}})
 
 
 def engine_command(directory: Path, options: EngineOptions, log: Callable[[str], None] | None = None) -> Manifest:
@@ -45,7 +78,12 @@ def engine_command(directory: Path, options: EngineOptions, log: Callable[[str],
     manifest = Manifest.read(directory)
     if (manifest.sharding or {}).get("ranks"):   # build --tp N: one multi-device engine per rank
         ranks = [engine_command(directory / folder, options, log) for folder in manifest.sharding["ranks"]]
-        manifest = _refresh_checksums(directory, dataclasses.replace(manifest, backend="tensorrt", trt=ranks[0].trt))
+        vision = manifest.vision
+        if vision is not None:   # the vision engine is rank 0's (l4compile.shard.build), named from the top
+            from l4compile.shard.build import top_level_vision
+            vision = top_level_vision(ranks[0].vision, manifest.sharding["ranks"][0])
+        manifest = _refresh_checksums(directory, dataclasses.replace(manifest, backend="tensorrt", trt=ranks[0].trt,
+                                                                     vision=vision))
         builder.write_atomic(directory / MANIFEST_FILE, (manifest.to_json() + "\n").encode())
         return manifest
     if manifest.target != "trt":
@@ -57,7 +95,8 @@ def engine_command(directory: Path, options: EngineOptions, log: Callable[[str],
                          f"then run: l4compile engine {directory}")
     report = checked(directory, manifest)
     limits = resolve_limits(manifest, options, tuple(sorted(report.quantized_dq_inputs)))
-    manifest = _refresh_checksums(directory, _build(directory, manifest, limits, options.timing_cache, log))
+    manifest = _build(directory, manifest, limits, options.timing_cache, log)
+    manifest = _refresh_checksums(directory, finish_vision(directory, manifest, limits, options, None, log))
     builder.write_atomic(directory / MANIFEST_FILE, (manifest.to_json() + "\n").encode())
     return manifest
 

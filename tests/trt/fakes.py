@@ -10,7 +10,8 @@ They check our orchestration (which API calls, in which order, with which shapes
 and copies), never TensorRT itself: nothing here says the real parser accepts our ONNX or that a
 real engine computes the same logits. The names follow the TensorRT 10 and cuda-python APIs our
 code uses; assumptions the fakes make about TensorRT (that it turns `logits_start` into a
-host-memory shape tensor and derives the logits' length from its value) are marked.
+host-memory shape tensor and derives the logits' length from its value, and computes an output dimension
+like "tiles*4" from the input dimension it multiplies) are marked.
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def _declared(value) -> tuple[int | str, ...]:
 def _onnx_io(path: str, which: str) -> list[tuple[str, tuple[int | str, ...], int]]:
     model = onnx.load(path, load_external_data=False)
     return [(v.name, _declared(v), v.type.tensor_type.elem_type) for v in getattr(model.graph, which)]
+
+
+def _product(dim: str, symbols: dict[str, int]) -> int | None:
+    """A declared dimension like "tiles*4" from the input dimensions it multiplies, or None."""
+    factors = dim.split("*")
+    if len(factors) < 2 or not all(f.isdigit() or f in symbols for f in factors):
+        return None
+    result = 1
+    for f in factors:
+        result *= int(f) if f.isdigit() else symbols[f]
+    return result
 
 
 def _static(dims: tuple[int | str, ...]) -> tuple[int, ...]:
@@ -340,6 +352,8 @@ class _Context:
         for d in self.engine.outputs[name][0]:
             if isinstance(d, int) or d in symbols:
                 resolved.append(symbols.get(d, d))
+            elif _product(d, symbols) is not None:   # assumption: "tiles*4" (a Reshape of static factors) is known
+                resolved.append(_product(d, symbols))
             elif d in COMPUTED_DIMS:
                 try:
                     resolved.append(COMPUTED_DIMS[d](symbols, values))

@@ -51,3 +51,18 @@ def test_run_picks_tensorrt_and_timing_cache_is_reused(trt_copy, tmp_path, capsy
     got = capsys.readouterr().out.strip()
     expected = Engine.load(directory, backend="onnxruntime").generate(np.array([[1, 2, 3]]), 8, stop_tokens=())
     assert got == ",".join(map(str, expected[0]))
+
+
+def test_vision_engines_match_onnxruntime(trt_copy):
+    """tiny-vision: the vision engine (tiles in batches of --max-tiles) and the text engine fed its features."""
+    directory = trt_copy("tiny-vision")
+    engine_command(directory, EngineOptions(precision="fp32", max_batch=1, max_seq=64, max_tiles=3))
+    trt, ort = Engine.load(directory), Engine.load(directory, backend="onnxruntime")
+    rng = np.random.default_rng(6)
+    pixels = rng.standard_normal((4, 3, 56, 56)).astype(np.float32)
+    np.testing.assert_allclose(trt.encode_images(pixels), ort.encode_images(pixels), atol=1e-4, rtol=0)
+    ids = np.concatenate([rng.integers(3, 200, 5), np.full(16, 255), rng.integers(3, 200, 4)])[None]
+    np.testing.assert_allclose(trt.logits(ids, pixel_values=pixels), ort.logits(ids, pixel_values=pixels),
+                               atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(trt.generate(ids, 12, pixel_values=pixels, stop_tokens=()),
+                                  ort.generate(ids, 12, pixel_values=pixels, stop_tokens=()))
