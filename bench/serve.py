@@ -1,7 +1,8 @@
 """Serving benchmark: continuous batching against one-at-a-time serving, with concurrent streaming clients.
 
-specs/bench-16e.yaml (~118M parameters) is built with random weights and the Llama 4-style test tokenizer
-(tests/text/llama4_tokenizer.py), or `--build DIR` serves a build of yours (with a tokenizer). Two real
+specs/bench-16e.yaml (~118M parameters; its vocabulary cut to the tokenizer's) is built with random weights
+and the Llama 4-style test tokenizer (tests/text/llama4_tokenizer.py), or `--build DIR` serves a build of
+yours (with a tokenizer). Two real
 `l4compile serve` processes run side by side: one with `--max-batch N` (continuous batching) and one with
 `--max-batch 1` (one request at a time, the rest queued). In each round, for each server in turn, CLIENTS
 streaming clients (the real openai client, one thread each) send at once prompts of different lengths
@@ -39,9 +40,13 @@ def build(out: Path) -> Path:
     from l4compile.build import BuildOptions, build as build_spec
     from l4compile.spec import load_spec
     from l4compile.weights import RandomWeights
-    from tests.text.llama4_tokenizer import save_tokenizer
+    from tests.text.llama4_tokenizer import model_vocab, save_tokenizer
     tokenizer = save_tokenizer(out / "tokenizer")
-    build_spec(load_spec(ROOT / "specs" / "bench-16e.yaml"), out / "bench-16e", RandomWeights(0),
+    # the model's vocabulary is the tokenizer's: every generated id has text (time to first token is real)
+    spec = (ROOT / "specs" / "bench-16e.yaml").read_text().replace("vocab_size: 32000",
+                                                                   f"vocab_size: {model_vocab(tokenizer)}")
+    (out / "bench-16e.yaml").write_text(spec)
+    build_spec(load_spec(out / "bench-16e.yaml"), out / "bench-16e", RandomWeights(0),
                BuildOptions(tokenizer=str(tokenizer)), log=lambda _: None)
     return out / "bench-16e"
 

@@ -15,14 +15,14 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, AsyncIterator
 
-import numpy as np
 from fastapi import FastAPI, Request as HTTPRequest
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from pydantic import BaseModel, ValidationError
 from starlette.concurrency import run_in_threadpool
 
-from l4compile.errors import L4Error
 from l4compile.runtime.sampling import Sampling
+from l4compile.serve.errors import ApiError
+from l4compile.serve.prompts import Prompts
 from l4compile.serve.schema import ChatRequest, CompletionRequest, describe
 from l4compile.serve.scheduler import Failed, Finished, Piece, QueueFull, Request, Scheduler, ShuttingDown
 
@@ -36,17 +36,6 @@ class ServeSettings:
     max_body_bytes: int = 8 << 20
     request_timeout: float | None = 600.0
     retry_after: int = 1
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.param, self.kind, self.headers = status, message, param, kind, headers
-
-    def response(self) -> JSONResponse:
-        return JSONResponse({"error": {"message": self.message, "type": self.kind, "param": self.param,
-                                       "code": None}}, status_code=self.status, headers=self.headers)
 
 
 def create_app(scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
@@ -63,6 +52,8 @@ def create_app(scheduler: Scheduler, settings: ServeSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if not scheduler.accepting:   # draining after SIGTERM: a load balancer should look elsewhere
+            return JSONResponse({"status": "shutting down", "model": settings.model_name}, status_code=503)
         return {"status": "ok", "model": settings.model_name}
 
     @app.get("/v1/models")
@@ -93,6 +84,7 @@ class Generation:
         self.engine = scheduler.engine
         self.settings = settings
         self.metrics = scheduler.metrics
+        self.prompts = Prompts(self.engine)
         text = self.engine.text_settings
         self.defaults = text.get("sampling") or {}
         stops = text.get("stop_tokens")
@@ -105,15 +97,19 @@ class Generation:
         try:
             body = await self._read_body(http)
             params = _parse(body, ChatRequest if kind == "chat" else CompletionRequest)
-            ids = await run_in_threadpool(self._prompt_ids, params)
+            ids, features = await run_in_threadpool(self.prompts.of, params)
             request_settings = self._settings(params, len(ids))
         except ApiError as exc:
             self.metrics.request(endpoint, exc.status)
             return exc.response()
+        except Exception as exc:   # a fault of ours (or of the vision model) on this request only
+            self.metrics.request(endpoint, 500)
+            return ApiError(500, f"the prompt could not be prepared: {type(exc).__name__}: {exc}",
+                            kind="internal_error").response()
         events: asyncio.Queue = asyncio.Queue()
         loop = asyncio.get_running_loop()
         request = Request(ids=ids, sink=lambda event: loop.call_soon_threadsafe(events.put_nowait, event),
-                          timeout=self.settings.request_timeout, **request_settings)
+                          timeout=self.settings.request_timeout, image_features=features, **request_settings)
         try:
             self.scheduler.submit(request)
         except QueueFull:
@@ -146,30 +142,6 @@ class Generation:
             if len(body) > limit:
                 raise ApiError(413, f"the request body is over {limit} bytes, the most this server takes")
         return bytes(body)
-
-    def _prompt_ids(self, params) -> np.ndarray:
-        """Tokenize (and for chat, render the template); runs in a worker thread."""
-        engine = self.engine
-        try:
-            if isinstance(params, ChatRequest):
-                messages = []
-                for i, message in enumerate(params.messages):
-                    for j, part in enumerate(message.content if isinstance(message.content, list) else ()):
-                        if part.type == "image_url":
-                            raise ApiError(400, "image content parts are not supported by this server yet"
-                                           if engine.vision is not None else
-                                           "this model is text-only (its build has no vision model): it takes no "
-                                           "images", f"messages[{i}].content[{j}]")
-                    messages.append(message.model_dump(exclude_none=True))
-                return engine.encode_chat(messages)
-            prompt = params.prompt
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], str):
-                prompt = prompt[0]
-            if isinstance(prompt, str):
-                return engine.encode_prompt(prompt)
-            return engine.check_ids(np.asarray(prompt, dtype=np.int64)[None])[0]
-        except L4Error as exc:   # a prompt too long, a template that refuses the conversation, bad ids
-            raise ApiError(400, str(exc), "messages" if isinstance(params, ChatRequest) else "prompt") from None
 
     def _settings(self, params, prompt_tokens: int) -> dict[str, Any]:
         context = self.scheduler.context

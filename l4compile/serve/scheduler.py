@@ -156,6 +156,10 @@ class Scheduler:
         self._drain_deadline = time.monotonic() + grace
 
     @property
+    def accepting(self) -> bool:
+        return self._accepting
+
+    @property
     def queue_depth(self) -> int:
         return len(self._queue)
 

@@ -105,3 +105,26 @@ def test_a_sequence_major_build_serves_one_request_at_a_time(text_checkpoint, tm
             assert sink.result()[0] == engine.complete(prompt, 12, temperature=0.0)
     finally:
         scheduler.stop()
+
+
+def test_a_long_prompt_is_prefilled_between_decode_steps(engine, scheduler):
+    """While a long prompt is prefilled piece by piece (one chunk of 8 tokens per iteration), the running row
+    keeps decoding: one step per piece, not one step for the whole prefill."""
+    running, running_sink = request(engine, "The capital of France is", 200)
+    scheduler.submit(running)
+    for _ in range(600):   # bounded: until the running row has produced text
+        if running_sink.events:
+            break
+        running_sink.done.wait(0.1)
+    long_prompt = "The capital of France is Paris. The capital of Japan is Tokyo. " * 3
+    steps_at_first_token = []
+    late, late_sink = request(engine, long_prompt, 4)
+    late.sink = lambda event: (steps_at_first_token.append(scheduler.metrics.decode_steps)
+                               if not late_sink.events else None, late_sink(event))
+    pieces = -(-len(late.ids) // 8)
+    steps = scheduler.metrics.decode_steps
+    scheduler.submit(late)
+    assert late_sink.result()[0] == engine.complete(long_prompt, 4, temperature=0.0)
+    assert pieces >= 5 and steps_at_first_token[0] - steps >= pieces - 1
+    assert not running_sink.done.is_set()   # the running row was decoding all along
+    running.cancel()
