@@ -82,11 +82,12 @@ def test_image_parts_give_engine_text(vision_build, vision_server):
     from l4compile.runtime import Engine
     engine = Engine.load(vision_build)
     assert engine.manifest.kv_cache["in_place"]
-    cases = [("What is in this picture?", [picture(40, 30, 1)]),
+    cases = [("What is in this picture?", [picture(84, 56, 1)]),
              ("Compare these two", [picture(20, 60, 2), picture(28, 28, 3)]),
              ("No picture, just text", [])]
     want = [engine_answer(engine, question, images) for question, images in cases]
-    assert want[0] != engine_answer(engine, cases[0][0], [picture(40, 30, 9)])   # the pixels reach the model
+    black = PIL.fromarray(np.zeros((56, 84, 3), np.uint8))
+    assert want[0] != engine_answer(engine, cases[0][0], [black])   # these pixels change the answer
     client = vision_server.client()
 
     def ask(case) -> str:
