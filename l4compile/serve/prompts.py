@@ -3,7 +3,7 @@
 Chat image parts (`{"type": "image_url", "image_url": {"url": "data:image/png;base64,..."}}`) reach the
 template as `{"type": "image"}` parts, which Llama 4's template renders as an `<|image|>` placeholder;
 each placeholder is then expanded with its image's tile tokens and the image encoded by the build's
-vision model (`Engine.prepare_images`, `Engine.encode_images`). Only `data:` URLs: the server fetches nothing.
+vision model (`Engine.prepare_chat`, `Engine.encode_images`). Only `data:` URLs: the server fetches nothing.
 Runs in a worker thread, apart from the scheduler.
 """
 
@@ -18,11 +18,6 @@ import numpy as np
 from l4compile.errors import L4Error
 from l4compile.serve.errors import ApiError
 from l4compile.serve.schema import ChatRequest, CompletionRequest
-
-# The special tokens of an image's prompt, by name (runtime/preprocess.py ImageTokens' fields)
-IMAGE_TOKEN_NAMES = {"image_start": "<|image_start|>", "image_end": "<|image_end|>", "tile_x": "<|tile_x_separator|>",
-                     "tile_y": "<|tile_y_separator|>", "image": "<|image|>", "patch": "<|patch|>"}
-
 
 class Prompts:
     def __init__(self, engine) -> None:
@@ -57,11 +52,8 @@ class Prompts:
                     else:
                         item["content"].append(part.model_dump())
             messages.append(item)
-        ids = self.engine.encode_chat(messages)
-        if not images:
-            return ids, None
-        ids, pixel_values = self.engine.prepare_images(ids, images, tokens=self._image_tokens())
-        return ids[0], self.engine.encode_images(pixel_values)
+        ids, pixel_values = self.engine.prepare_chat(messages, images=images)   # Llama4Processor's ids
+        return ids, None if pixel_values is None else self.engine.encode_images(pixel_values)
 
     def _image(self, url: str, where: str):
         if self.engine.vision is None:
@@ -86,15 +78,3 @@ class Prompts:
             raise ApiError(400, f"the image cannot be read ({type(exc).__name__}: {exc})",
                            f"{where}.image_url.url") from None
         return image
-
-    def _image_tokens(self):
-        """The build's image prompt tokens: Llama 4's ids where the manifest knows them, else by name."""
-        from l4compile.runtime.preprocess import ImageTokens
-        if self.engine.vision.info.get("prompt_tokens"):
-            return None
-        ids = {field: self.engine.tokenizer.token_id(name) for field, name in IMAGE_TOKEN_NAMES.items()}
-        missing = [IMAGE_TOKEN_NAMES[f] for f, i in ids.items() if i is None]
-        if missing:
-            raise ApiError(400, f"this model's tokenizer lacks the image prompt tokens {', '.join(missing)}",
-                           "messages")
-        return ImageTokens(**ids)

@@ -62,20 +62,9 @@ def data_url(image) -> str:
 
 
 def engine_answer(engine, question: str, images: list) -> str:
-    """Engine alone: the chat template's <|image|> placeholders, expanded with each image's tiles."""
-    from l4compile.runtime.preprocess import ImageTokens
-    from l4compile.serve.prompts import IMAGE_TOKEN_NAMES
+    """Engine alone: `chat` with image parts (expanded as Llama4Processor does)."""
     content = [{"type": "text", "text": question}] + [{"type": "image"} for _ in images]
-    ids = engine.encode_chat([{"role": "user", "content": content}])
-    stops = tuple(engine.text_settings["stop_tokens"])
-    if images:
-        tokens = ImageTokens(**{f: engine.tokenizer.token_id(n) for f, n in IMAGE_TOKEN_NAMES.items()})
-        ids, pixels = engine.prepare_images(ids, images, tokens=tokens)
-        out = engine.generate(ids, NEW, temperature=0.0, stop_tokens=stops, pixel_values=pixels)[0, ids.shape[1]:]
-    else:
-        out = engine.generate(ids[None], NEW, temperature=0.0, stop_tokens=stops)[0, len(ids):]
-    hits = np.nonzero(np.isin(out, stops))[0]
-    return engine.tokenizer.decode(out[:hits[0]] if len(hits) else out)
+    return engine.chat([{"role": "user", "content": content}], NEW, temperature=0.0, images=images)
 
 
 def test_image_parts_give_engine_text(vision_build, vision_server):
