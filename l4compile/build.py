@@ -14,6 +14,8 @@ import onnx
 
 from l4compile import __version__
 from l4compile.errors import BuildError
+from l4compile.genai import TARGET as GENAI_TARGET, check_options as check_genai_options, \
+    text_only as genai_text_only
 from l4compile.emit.onnx_emitter import OnnxArtifact, emit_onnx
 from l4compile.ir.graph import Graph
 from l4compile.ir.printer import print_ir
@@ -42,7 +44,7 @@ KV_CACHE_NAMES = {"layout": ["positions", "batch", "kv_heads", "head_dim"], "pas
 KV_CACHE_IN_PLACE = {"layout": ["batch", "kv_heads", "positions", "head_dim"], "in_place": True,
                      "past_length": "past_lengths", "logits_start": "logits_start", "past_key": "past_key.{i}",
                      "past_value": "past_value.{i}", "new_key": "present_key.{i}", "new_value": "present_value.{i}"}
-TARGETS = ("onnx", "trt")
+TARGETS = ("onnx", "trt", "ort-genai")
 DTYPES = ("float32", "float16", "bfloat16")
 # GPTQ's Hessians: 32k tokens, so that each of 16 top-1 experts sees ~2k (bench-16e reaches 0.98 cosine
 # with these, 0.979 with half as many).
@@ -126,6 +128,9 @@ def compile_graph(spec: ModelSpec, options: BuildOptions, log: Callable[[str], N
     pipeline = options.pipeline or DEFAULT_PIPELINE[options.target]
     # The shard pass splits the sequence-major cache's ops by KV heads; sharded builds keep that layout.
     kv_layout = load_pipeline(pipeline).kv_layout if options.tp == 1 else "sequence-major"
+    if options.target == GENAI_TARGET:   # onnxruntime-genai's decoder inputs, whatever the pipeline's passes
+        check_genai_options(spec, options.tp, options.dtype)
+        kv_layout = "genai"
     with progress.phase("lower"):
         graph = lower(spec, options.dtype, kv_layout=kv_layout)
         verify(graph)
@@ -165,7 +170,7 @@ def _manifest(spec: ModelSpec, graph: Graph, options: BuildOptions, weights: str
         vocab_size=spec.vocab_size, max_position_embeddings=spec.max_position_embeddings, layers=layers,
         tokens={"bos": spec.tokens.bos, "eos": list(spec.tokens.eos), "pad": spec.tokens.pad},
         weights=weights, compiler_version=__version__, spec=spec.to_dict(),
-        kv_cache=KV_CACHE_IN_PLACE if "past_lengths" in graph.inputs else
+        kv_cache=None if options.target == GENAI_TARGET else KV_CACHE_IN_PLACE if "past_lengths" in graph.inputs else
         KV_CACHE_NAMES if "past_length" in graph.inputs else None,
         quantization=options.quantization(),
         vision=_vision_manifest(spec, options) if has_image_input(spec) else None,
@@ -216,6 +221,8 @@ def _metadata(spec: ModelSpec, options: BuildOptions) -> dict[str, str]:
 def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] = print) -> BuildReport:
     """Build and check the full graph without materialising a single weight."""
     options = dataclasses.replace(options, int4_method="rtn") if options.int4_method == "auto" else options
+    if options.target == GENAI_TARGET:
+        spec = genai_text_only(spec, current().warn)
     graph, results = compile_graph(spec, options, log)
     progress = current()
     with progress.phase("emit"):
@@ -233,6 +240,9 @@ def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] =
                 check_file(Path(tmp) / MODEL_FILE).raise_if_incompatible()
     manifest_bytes = len(_manifest(spec, graph, options, "(dry run)").to_json()) + 1
     files = {MODEL_FILE: artifact.model.ByteSize(), DATA_FILE: artifact.weight_bytes, MANIFEST_FILE: manifest_bytes}
+    if options.target == GENAI_TARGET:
+        from l4compile.genai import CONFIG_FILE, genai_config
+        files[CONFIG_FILE] = len(json.dumps(genai_config(spec, MODEL_FILE, None), indent=2)) + 1
     tensors, largest = artifact.tensors, artifact.largest_tensor_bytes
     if has_image_input(spec):
         vision = emit_vision(spec, options, None, None)
@@ -275,6 +285,9 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
     options = resolve_calibration(spec, options, progress.warn)
     if options.target not in TARGETS:
         raise BuildError(f"unknown target {options.target!r}; choose one of {', '.join(TARGETS)}")
+    if options.target == GENAI_TARGET:
+        check_genai_options(spec, options.tp, options.dtype)
+        spec = genai_text_only(spec, progress.warn)
     check_replaceable(out_dir, options.force)
     tokenizer_files = None
     if options.tokenizer:
@@ -299,6 +312,10 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
                 from l4compile.tokenizer_files import copy_tokenizer
                 files, text = copy_tokenizer(tokenizer_files, tmp)
                 manifest = dataclasses.replace(manifest, files={**manifest.files, **files}, text=text)
+            if options.target == GENAI_TARGET:
+                from l4compile.genai import write_config
+                config = write_config(spec, tmp, MODEL_FILE, manifest.text)
+                manifest = dataclasses.replace(manifest, files={**manifest.files, "genai_config": config})
             if options.target == "trt":  # compat report, then an engine or one line saying why not
                 from l4compile.trt.profiles import EngineOptions
                 from l4compile.trt.target import finish_build

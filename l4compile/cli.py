@@ -95,6 +95,9 @@ def cmd_build(args: argparse.Namespace) -> int:
     from l4compile.quant.cli import apply_quantize_args
     apply_quantize_args(args, options)
     options.tp = args.tp
+    if options.target == "ort-genai":
+        from l4compile.genai import check_options
+        check_options(spec, options.tp, options.dtype)
     # --print-ir and --print-ir-after are results: stdout, unless stdout holds the --json report
     show_ir = (lambda text: print(text, file=sys.stderr)) if args.json else print
     if args.tp > 1:
@@ -251,9 +254,10 @@ def make_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("build", help="compile a spec into a build directory")
     p.add_argument("spec")
-    p.add_argument("--target", default="onnx", choices=["onnx", "trt"],
+    p.add_argument("--target", default="onnx", choices=["onnx", "trt", "ort-genai"],
                    help="what to emit (default onnx; trt: TensorRT-ready ONNX, its compatibility report, and an "
-                        "engine where TensorRT and a GPU are present)")
+                        "engine where TensorRT and a GPU are present; ort-genai: a directory onnxruntime-genai "
+                        "loads, with genai_config.json)")
     p.add_argument("-o", "--output", help="build directory (default build/<spec name>)")
     p.add_argument("--weights", help="'random' or a Hugging Face checkpoint directory")
     p.add_argument("--seed", type=cli_type(options.seed, int, "a non-negative integer"), default=0,

@@ -20,7 +20,11 @@ BATCH, SEQ = "batch", "seq"
 PAST = {"chunked": "past_chunk", "global": "past"}  # cached positions: chunked layers keep only their chunk
 # In-place caches: a buffer of `chunk` slots for chunked layers, the whole context for global ones.
 CAPACITY = {"chunked": "kv_chunk", "global": "kv_capacity"}
-KV_LAYOUTS = ("sequence-major", "in-place")
+KV_LAYOUTS = ("sequence-major", "in-place", "genai")
+# kv_layout "genai": onnxruntime-genai's decoder names (l4compile/genai.py writes its genai_config.json).
+GENAI_NAMES = {"input_ids": "input_ids", "attention_mask": "attention_mask", "logits": "logits",
+               "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value",
+               "present_key_names": "present.%d.key", "present_value_names": "present.%d.value"}
 
 
 @dataclass
@@ -35,6 +39,8 @@ class _Shared:
     past: dict[int, tuple[str, str]]   # layer -> (past key, past value) inputs; empty without a KV cache
     new_kv: list[str]                  # new keys/values of every layer, graph outputs of a KV build
     past_lengths: str | None = None    # in-place caches: each row's position [batch]
+    gqa_lengths: tuple[str, str] | None = None   # genai: GroupQueryAttention's seqlens_k and total length
+    chunk_bias: str | None = None      # genai: the chunked layers' attention bias
 
 
 def lower(spec: ModelSpec, dtype: str = "float32", kv_cache: bool = True, kv_layout: str = "sequence-major") -> Graph:
@@ -47,7 +53,12 @@ def lower(spec: ModelSpec, dtype: str = "float32", kv_cache: bool = True, kv_lay
     - kv_layout "in-place": `past_lengths` [batch] (each row's position) and each layer's cache buffer
       [batch, kv_heads, capacity, head_dim]; it returns the same buffers with the new positions written
       (`present_key.{i}`, bound to the input's memory: see ops_cache_attention).
+    - kv_layout "genai": onnxruntime-genai's decoder instead (GENAI_NAMES, l4compile/ir/ops_genai.py):
+      `attention_mask` [batch, total] and per-layer buffers `past_key_values.{i}.key` in, `logits` of
+      each row's last token [batch, 1, vocab] and `present.{i}.key` out; no logits_start.
     """
+    if kv_layout == "genai":
+        return _lower_genai(spec, dtype)
     if kv_layout not in KV_LAYOUTS:
         raise ValueError(f"kv_layout must be one of {KV_LAYOUTS}, got {kv_layout!r}")
     g = Graph(spec.name, metadata={"l4compile.spec_hash": spec.content_hash()})
@@ -69,6 +80,40 @@ def lower(spec: ModelSpec, dtype: str = "float32", kv_cache: bool = True, kv_lay
              eps=spec.rms_norm_eps)
     if logits_start is not None:
         x = g.op("slice_seq", [x, logits_start], name="logits_positions")
+    g.set_outputs([_lm_head(g, spec, x, dtype)] + shared.new_kv)
+    return g
+
+
+def _lower_genai(spec: ModelSpec, dtype: str) -> Graph:
+    """The text graph onnxruntime-genai drives (see `lower`)."""
+    att = spec.attention
+    g = Graph(spec.name, metadata={"l4compile.spec_hash": spec.content_hash()})
+    ids = g.add_input("input_ids", TensorType("int64", (BATCH, "sequence_length")))
+    mask = g.add_input("attention_mask", TensorType("int64", (BATCH, "total_sequence_length")))
+    past = {}
+    for layer in spec.layers:
+        t = TensorType(dtype, (BATCH, att.num_kv_heads, "past_sequence_length", att.head_dim))
+        past[layer.index] = tuple(g.add_input(GENAI_NAMES[f"past_{kind}_names"] % layer.index, t)
+                                  for kind in ("key", "value"))
+    x = g.op("embedding", [ids, _param(g, "embed_tokens", (spec.vocab_size, spec.hidden_size), dtype, "embedding")],
+             name="embed")
+    positions = g.op("mask_positions", [ids, mask], name="positions")
+    lengths = tuple(g.op("gqa_lengths", [mask], name="gqa_lengths", n_out=2))
+    shared = _shared_values(g, spec, ids, None, dtype, positions=positions)
+    shared.past, shared.gqa_lengths = past, lengths
+    if any(layer.attention == "chunked" for layer in spec.layers):
+        shared.chunk_bias = g.op("chunk_bias", [positions, mask], name="chunk_bias", chunk_size=att.chunk_size,
+                                 dtype=dtype)
+    for layer in spec.layers:
+        x = _decoder_layer(g, spec, layer, x, shared, dtype)
+    x = g.op("last_tokens", [x, lengths[0], positions], name="last_tokens")
+    x = g.op("rms_norm", [x, _param(g, "norm", (spec.hidden_size,), dtype, "norm")], name="final_norm",
+             eps=spec.rms_norm_eps)
+    g.set_outputs([_lm_head(g, spec, x, dtype)] + shared.new_kv)
+    return g
+
+
+def _lm_head(g: Graph, spec: ModelSpec, x: str, dtype: str) -> str:
     name = "logits" if dtype == "float32" else "logits_low_precision"
     if spec.tie_word_embeddings:
         logits = g.op("linear", [x, "embed_tokens"], name=name, transpose_weight=True)
@@ -76,8 +121,7 @@ def lower(spec: ModelSpec, dtype: str = "float32", kv_cache: bool = True, kv_lay
         logits = g.op("linear", [x, _param(g, "lm_head", (spec.hidden_size, spec.vocab_size), dtype)], name=name)
     if dtype != "float32":
         logits = g.op("cast", [logits], name="logits", dtype="float32")
-    g.set_outputs([logits] + shared.new_kv)
-    return g
+    return logits
 
 
 def _param(g: Graph, name: str, shape: tuple[int, ...], dtype: str, init: str = "normal") -> str:
@@ -85,7 +129,8 @@ def _param(g: Graph, name: str, shape: tuple[int, ...], dtype: str, init: str = 
 
 
 def _shared_values(g: Graph, spec: ModelSpec, ids: str, past_length: str | None, dtype: str,
-                   in_place: bool = False) -> _Shared:
+                   in_place: bool = False, positions: str | None = None) -> _Shared:
+    """Positions, RoPE tables, masks and temperature scales; with `positions` given (genai), no masks."""
     att = spec.attention
     layers = spec.layers
     past: dict[int, tuple[str, str]] = {}
@@ -95,13 +140,15 @@ def _shared_values(g: Graph, spec: ModelSpec, ids: str, past_length: str | None,
                 (PAST[layer.attention], BATCH, att.num_kv_heads, att.head_dim)
             t = TensorType(dtype, shape)
             past[layer.index] = (g.add_input(f"past_key.{layer.index}", t), g.add_input(f"past_value.{layer.index}", t))
-    positions = g.op("positions", [ids] + ([past_length] if past_length else []), name="positions")
+    genai = positions is not None
+    if positions is None:
+        positions = g.op("positions", [ids] + ([past_length] if past_length else []), name="positions")
     cos = sin = None
     if any(layer.rope for layer in layers):
         freqs = g.add_const("rope.inv_freq", rope.inv_freq(att.rope, att.head_dim))
         cos, sin = g.op("rope_angles", [positions, freqs], name="rope", n_out=2)
     masks = {}
-    for kind in () if in_place else ("chunked", "global"):
+    for kind in () if in_place or genai else ("chunked", "global"):
         first = next((layer for layer in layers if layer.attention == kind), None)
         if first is None:
             continue
@@ -149,7 +196,9 @@ def _attention(g: Graph, spec: ModelSpec, layer: LayerSpec, x: str, shared: _Sha
         k = g.op("l2_norm", [k], name=f"{p}.k_norm", eps=spec.rms_norm_eps)
     if layer.temperature_tuning:
         q = g.op("mul", [q, shared.temperature], name=f"{p}.q_temperature")
-    if shared.past_lengths is not None:
+    if shared.gqa_lengths is not None:
+        out = _genai_attention(g, spec, layer, q, k, v, shared)
+    elif shared.past_lengths is not None:
         out = _cache_attention(g, spec, layer, q, k, v, shared)
     else:
         out = _masked_attention(g, spec, layer, q, k, v, shared)
@@ -178,6 +227,19 @@ def _cache_attention(g: Graph, spec: ModelSpec, layer: LayerSpec, q: str, k: str
                          name=f"{p}.cache_attention",
                          outputs=[f"{p}.attention", f"present_key.{i}", f"present_value.{i}"],
                          scale=att.head_dim ** -0.5, chunk_size=att.chunk_size if layer.attention == "chunked" else 0)
+    shared.new_kv.extend(present)
+    return out
+
+
+def _genai_attention(g: Graph, spec: ModelSpec, layer: LayerSpec, q: str, k: str, v: str, shared: _Shared) -> str:
+    """Attention over genai's KV buffer of the layer (every position; chunked layers masked to their chunk)."""
+    p, i = f"layers.{layer.index}.self_attn", layer.index
+    bias = [shared.chunk_bias] if layer.attention == "chunked" else []
+    out, *present = g.op("genai_attention", [q, k, v, *shared.past[i], *shared.gqa_lengths, *bias],
+                         name=f"{p}.genai_attention",
+                         outputs=[f"{p}.attention"] + [GENAI_NAMES[f"present_{kind}_names"] % i
+                                                       for kind in ("key", "value")],
+                         scale=spec.attention.head_dim ** -0.5)
     shared.new_kv.extend(present)
     return out
 

@@ -62,7 +62,7 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
              (("constant-fold", {}), ("moe-dispatch", {"impl": "grouped"}), ("chunked-attention", {}), ("cse", {}),
               ("dce", {}))),
 )}
-DEFAULT_PIPELINE = {"onnx": "onnx-cpu", "trt": "trt"}
+DEFAULT_PIPELINE = {"onnx": "onnx-cpu", "trt": "trt", "ort-genai": "onnx-cpu"}
 
 
 def _did_you_mean(name: str, known: Iterable[str]) -> str:

@@ -52,6 +52,9 @@ class Engine(TextGeneration):
         # A TensorRT engine is the TensorRT backend's to look for (it says how to build a missing one).
         required = {role: name for role, name in manifest.files.items() if role != "engine"}
         integrity.check(directory, manifest.checksums, required, checksums=verify)
+        if manifest.target == "ort-genai":
+            raise BuildDirError(f"{directory}: an onnxruntime-genai build (--target ort-genai): load it with "
+                                f"onnxruntime_genai.Model({str(directory)!r}); build --target onnx for this runtime")
         name = backend or manifest.backend
         sharded = bool((manifest.sharding or {}).get("ranks"))   # the whole of a build --tp N (not one rank)
         if sharded and name == "tensorrt":

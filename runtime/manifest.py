@@ -37,7 +37,7 @@ class LayerInfo:
 class Manifest:
     model_name: str
     spec_hash: str
-    target: str                      # "onnx" | "trt"
+    target: str                      # "onnx" | "trt" | "ort-genai" (onnxruntime-genai loads it; Engine refuses)
     backend: str                     # "onnxruntime" | "tensorrt"
     dtype: str
     pipeline: str

@@ -69,7 +69,7 @@ def all_ops() -> dict[str, Op]:
 
 def _load_opsets() -> None:
     from l4compile.ir import (ops_attention, ops_blocked_attention, ops_cache, ops_cache_attention,  # noqa: F401
-                              ops_chunked_attention, ops_collective, ops_core, ops_moe, ops_moe_dispatch,
+                              ops_chunked_attention, ops_collective, ops_core, ops_genai, ops_moe, ops_moe_dispatch,
                               ops_quant, ops_vision)  # (registration side effect)
 
 

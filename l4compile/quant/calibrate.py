@@ -36,6 +36,8 @@ def reference_inputs(graph: Graph, ids: np.ndarray) -> list:
         t = graph.type_of(name)
         if name == "input_ids":
             inputs.append(torch.from_numpy(ids))
+        elif name == "attention_mask":          # onnxruntime-genai's decoder (l4compile.lower, kv_layout genai)
+            inputs.append(torch.ones(ids.shape, dtype=torch.int64))
         elif t.rank == 0:                       # past_length, logits_start
             inputs.append(torch.tensor(0, dtype=torch.int64))
         else:                                   # cached keys/values: no cached positions

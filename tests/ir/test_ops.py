@@ -57,6 +57,17 @@ CASES = {
     # a decode step of rows at positions 3 and 9 (chunk 8: 3 and 1 cached positions in their chunk)
     "cache_attention": ([f32(2, 1, 4, 8), f32(2, 1, 2, 8), f32(2, 1, 2, 8), kv_buffer(), kv_buffer(),
                          np.array([3, 9], dtype=np.int64)], {"scale": 8 ** -0.5, "chunk_size": 8}, 3),
+    # onnxruntime-genai's decoder (ops_genai): a decode step of 2 rows at position 9 after 9 cached positions
+    # (separate past and present buffers: onnxruntime writes present slots up to each row's length only)
+    "mask_positions": ([rng.integers(0, 10, (2, 3)), np.array([[1] * 7, [1] * 5 + [0] * 2], dtype=np.int64)], {}, 1),
+    "gqa_lengths": ([np.array([[1] * 7, [1] * 5 + [0] * 2], dtype=np.int64)], {}, 2),
+    "chunk_bias": ([np.array([[5, 6, 7], [8, 9, 10]], dtype=np.int64), np.ones((2, 11), dtype=np.int64)],
+                   {"chunk_size": 4, "dtype": "float32"}, 1),
+    "genai_attention": ([f32(2, 1, 4, 8), f32(2, 1, 2, 8), f32(2, 1, 2, 8), f32(2, 2, 9, 8), f32(2, 2, 9, 8),
+                         np.array([9, 9], dtype=np.int32), np.array(10, dtype=np.int32),
+                         np.where(np.arange(10) // 4 == 2, 0, -3e38).astype(np.float32)[None, None, None].repeat(2, 0)],
+                        {"scale": 8 ** -0.5}, 3),
+    "last_tokens": ([f32(2, 5, 6), np.array([3, 4], dtype=np.int32), np.stack([np.arange(5)] * 2)], {}, 1),
     "rope_angles": ([positions(7, 3), np.float32([1.0, 0.1, 0.01])], {}, 2),
     "rope": ([f32(2, 7, 3, 6), f32(1, 7, 3), f32(1, 7, 3)], {}, 1),
     "temperature_scale": ([positions(30)], {"attn_scale": 0.1, "floor_scale": 4}, 1),

@@ -19,7 +19,7 @@ def test_passes_lists_passes_and_pipelines():
     assert r.returncode == 0, r.stderr
     for name in ("constant-fold", "cse", "dce", "moe-dispatch", "chunked-attention", "none", "onnx-cpu", "trt"):
         assert f"  {name} " in r.stdout
-    assert "(default for --target onnx)" in r.stdout
+    assert "(default for --target onnx, ort-genai)" in r.stdout
 
 
 def test_build_with_disabled_pass_printed_ir_verification_and_timings(tmp_path):
