@@ -177,3 +177,19 @@ def test_genai_int4_build_equals_runtime_int4_build(tmp_path, tiny_genai):
     for batch in ([0], [0, 1]):
         for i, got in zip(batch, genai.greedy([rows[i] for i in batch], NEW_TOKENS)):
             np.testing.assert_array_equal(got, ours[i])
+
+
+def test_float16_build_equals_runtime_float16_build(tmp_path, tiny_genai):
+    """float16 (GroupQueryAttention's float16 CPU kernel, the chunk bias at float16's lowest value): genai's tokens
+    are our runtime's on the float16 --target onnx build, batch 1 and 2."""
+    from l4compile.build import BuildOptions, build
+    from l4compile.runtime import Engine
+    from l4compile.weights import RandomWeights
+    genai = Genai(tiny_genai("tiny-scout", dtype="float16"))
+    build(load("tiny-scout"), tmp_path / "onnx", RandomWeights(0), BuildOptions(dtype="float16"), log=lambda _: None)
+    engine = Engine.load(tmp_path / "onnx")
+    rows = prompts(engine.manifest.vocab_size)
+    ours = engine_greedy(engine, rows, genai.eos)
+    for batch in ([0], [0, 1]):
+        for i, got in zip(batch, genai.greedy([rows[i] for i in batch], NEW_TOKENS)):
+            np.testing.assert_array_equal(got, ours[i])
