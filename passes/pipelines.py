@@ -29,11 +29,12 @@ from l4compile.passes.cleanup import CommonSubexpressionElimination, ConstantFol
 from l4compile.passes.moe_dispatch import MoEDispatch
 from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4
 from l4compile.passes.quantize_activations import QuantizeActivationsFP8
+from l4compile.passes.rotary_embedding import RotaryEmbedding
 from l4compile.passes.shard import Shard
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    ConstantFolding, MoEDispatch, ChunkedAttention, GlobalAttentionBlocks, CommonSubexpressionElimination,
-    DeadCodeElimination,
+    ConstantFolding, MoEDispatch, ChunkedAttention, GlobalAttentionBlocks, RotaryEmbedding,
+    CommonSubexpressionElimination, DeadCodeElimination,
     QuantizeFP8, QuantizeINT4, QuantizeActivationsFP8, Shard,
 )}
 
@@ -55,9 +56,10 @@ class Pipeline:
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline("none", "the straight lowering, for debugging", ()),
     Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op, attention over in-place per-row KV "
-             "caches (GroupQueryAttention; chunked layers hold one chunk)",
+             "caches (GroupQueryAttention; chunked layers hold one chunk), RotaryEmbedding",
              (("constant-fold", {}), ("moe-dispatch", {"impl": "ort"}), ("chunked-attention", {}),
-              ("global-attention-blocks", {}), ("cse", {}), ("dce", {})), kv_layout="in-place"),
+              ("global-attention-blocks", {}), ("rotary-embedding", {}), ("cse", {}), ("dce", {})),
+             kv_layout="in-place"),
     Pipeline("trt", "standard ONNX ops only (what TensorRT parses): grouped MoE dispatch, chunked layers blockwise",
              (("constant-fold", {}), ("moe-dispatch", {"impl": "grouped"}), ("chunked-attention", {}), ("cse", {}),
               ("dce", {}))),

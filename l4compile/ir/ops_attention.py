@@ -86,6 +86,8 @@ class Rope(Op):
         x, cos, sin = inputs
         half = types[1].shape[-1]
         heads = types[0].shape[2]
+        if attrs.get("impl") == "ort":
+            return [self._onnxruntime(b, x, cos, sin, heads, half)]
         xf = x if types[0].dtype == "float32" else b.node("Cast", [x], to=1)
         pairs = b.node("Reshape", [xf, b.int64s(0, 0, heads, half, 2)])
         x0, x1 = b.node("Split", [pairs, b.int64s(1, 1)], n_out=2, axis=-1)
@@ -98,6 +100,19 @@ class Rope(Op):
             from l4compile.ir.op import ONNX_DTYPES
             out = b.node("Cast", [out], to=ONNX_DTYPES[types[0].dtype])
         return [out]
+
+
+    @staticmethod
+    def _onnxruntime(b, x, cos, sin, heads: int, half: int) -> str:
+        """onnxruntime's RotaryEmbedding (float32, one table row per batch row): the angle tables [P, S, d/2]
+        flattened to [P*S, d/2], each token reading its own row through position ids arange(P*S) [P, S]."""
+        tables = [b.node("Reshape", [t, b.int64s(-1, half)]) for t in (cos, sin)]
+        rows = b.node("Slice", [b.node("Shape", [cos]), b.int64s(0), b.int64s(2)])
+        count = b.node("ReduceProd", [rows], keepdims=0)
+        ids = b.node("Reshape", [b.node("Range", [b.const(0, "int64"), count, b.const(1, "int64")]), rows])
+        flat = b.node("Reshape", [x, b.int64s(0, 0, heads * 2 * half)])
+        out = b.node("RotaryEmbedding", [flat, ids] + tables, domain="com.microsoft", interleaved=1, num_heads=heads)
+        return b.node("Reshape", [out, b.int64s(0, 0, heads, 2 * half)])
 
 
 @register

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import numpy as np
+
 from l4compile.ir.op import Op, OnnxBuilder, expect, register
 from l4compile.ir.types import TensorType, broadcast_shapes
 
@@ -66,10 +68,11 @@ class Linear(Op):
 
 
 def _rms(b: OnnxBuilder, x: str, eps: float) -> str:
-    """x * 1/sqrt(mean(x^2, -1) + eps), all float32."""
-    mean_sq = b.node("ReduceMean", [b.node("Mul", [x, x]), b.int64s(-1)], keepdims=1)
-    inv = b.node("Reciprocal", [b.node("Sqrt", [b.node("Add", [mean_sq, b.scalar(eps)])])])
-    return b.node("Mul", [x, inv])
+    """x / sqrt(mean(x^2, -1) + eps), all float32: Pow, ReduceMean, Add, Sqrt, Div. Followed by a Mul with
+    a 1-D scale, that is the pattern onnxruntime fuses into one SimplifiedLayerNormalization (and, after
+    a residual Add, SkipSimplifiedLayerNormalization); TensorRT parses the standard ops."""
+    mean_sq = b.node("ReduceMean", [b.node("Pow", [x, b.scalar(2.0)]), b.int64s(-1)], keepdims=1)
+    return b.node("Div", [x, b.node("Sqrt", [b.node("Add", [mean_sq, b.scalar(eps)])])])
 
 
 @register
@@ -112,6 +115,9 @@ class L2Norm(Op):
 
     def onnx(self, b, inputs, attrs, types):
         dtype = types[0].dtype
+        if dtype == "float32":  # times a unit scale: the pattern onnxruntime fuses (see _rms)
+            ones = b.const(np.ones(types[0].shape[-1], np.float32))
+            return [b.node("Mul", [_rms(b, inputs[0], attrs["eps"]), ones])]
         return [_from_float32(b, _rms(b, _to_float32(b, inputs[0], dtype), attrs["eps"]), dtype)]
 
 
