@@ -70,7 +70,7 @@ def test_build_target_trt_writes_and_builds_the_vision_engine(fake_trt, tmp_path
     assert cudart.memory == {}
 
 
-def test_without_tensorrt_the_vision_engine_is_pending_then_built_by_engine(trt_built, fake_trt, tmp_path):
+def test_without_tensorrt_the_vision_engine_is_pending_then_built_by_engine(trt_built, fake_trt, tmp_path, capsys):
     import shutil
     directory = tmp_path / "tv"
     shutil.copytree(trt_built("tiny-vision"), directory)      # built without TensorRT
@@ -78,9 +78,11 @@ def test_without_tensorrt_the_vision_engine_is_pending_then_built_by_engine(trt_
     assert manifest["backend"] == "onnxruntime" and manifest["vision"]["trt"]["status"] == "pending"
     assert "engine" not in manifest["vision"]["files"] and (directory / "vision_compat.json").is_file()
     assert not (directory / "vision.plan").exists()
-    built = engine_command(directory, EngineOptions(), log=lambda _: None)
-    assert built.backend == "tensorrt" and built.vision["trt"]["status"] == "built"
-    assert built.vision["trt"]["max_tiles"] == 17 and (directory / "vision.plan").is_file()
+    assert main(["engine", str(directory), "-q"]) == 0
+    assert "and vision engine (fp16, max 17 tiles)" in capsys.readouterr().out
+    built = json.loads((directory / "manifest.json").read_text())
+    assert built["backend"] == "tensorrt" and built["vision"]["trt"]["status"] == "built"
+    assert built["vision"]["trt"]["max_tiles"] == 17 and (directory / "vision.plan").is_file()
     assert main(["verify", str(directory)]) == 0      # checksums recorded afresh for the new files
 
 
