@@ -6,6 +6,7 @@ Needs the `serve` extra (fastapi, uvicorn); without it the command says so in on
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 from pathlib import Path
 
@@ -29,6 +30,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from l4compile.runtime import Engine
     from l4compile.serve.scheduler import Scheduler
 
+    sock = _listen(args.host, args.port)   # a port in use fails here, before the model loads
     engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
     engine.tokenizer   # a build without a tokenizer fails here, in one line
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
@@ -46,12 +48,23 @@ def cmd_serve(args: argparse.Namespace) -> int:
     server = _server(uvicorn, config, scheduler, args.shutdown_timeout)
     scheduler.start()
     try:
-        server.run()
+        server.run(sockets=[sock])
     finally:
         scheduler.stop()
-    if not server.started:
-        raise ServeError(f"could not listen on {args.host}:{args.port} (see the message above)")
+        sock.close()
     return 0
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    """The server's listening socket, bound here so that an address in use is one line of ours."""
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as exc:
+        raise ServeError(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
+    return sock
 
 
 def _server(uvicorn, config, scheduler, grace: float):
