@@ -74,7 +74,7 @@ def genai_config(spec: ModelSpec, model_file: str, text: dict[str, Any] | None) 
                    "no_repeat_ngram_size": 0, "num_beams": 1, "num_return_sequences": 1,
                    "past_present_share_buffer": True, "repetition_penalty": 1.0,
                    "temperature": float(sampling.get("temperature") or 1.0),
-                   "top_k": int(sampling.get("top_k") or 50),
+                   "top_k": int(sampling.get("top_k") or 0),   # 0: no top-k limit (genai then samples by top_p)
                    "top_p": float(sampling.get("top_p") or 1.0)},
     }
 

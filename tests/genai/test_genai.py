@@ -146,6 +146,8 @@ def test_genai_text_build_matches_transformers_and_engine(genai_text_build, text
     np.testing.assert_array_equal(tokenizer.encode(chat), engine.encode_chat(messages))
     assert len(rows[0]) > 3 * 8 and len(rows[1]) > 8   # across chunk boundaries (chunk 8) and temperature floors
     assert (genai_text_build / "tokenizer.json").is_file() and genai.eos == set(engine.manifest.text["stop_tokens"])
+    search = genai.config["search"]   # the checkpoint's generation_config.json: do_sample, temperature 0.6, top_p 0.9
+    assert (search["do_sample"], search["temperature"], search["top_p"], search["top_k"]) == (True, 0.6, 0.9, 0)
     ours = engine_greedy(engine, rows, genai.eos)
     with torch.no_grad():
         reference = [hf_model.generate(torch.from_numpy(r)[None], max_new_tokens=NEW_TOKENS, do_sample=False,
