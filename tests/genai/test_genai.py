@@ -195,3 +195,26 @@ def test_float16_build_equals_runtime_float16_build(tmp_path, tiny_genai):
     for batch in ([0], [0, 1]):
         for i, got in zip(batch, genai.greedy([rows[i] for i in batch], NEW_TOKENS)):
             np.testing.assert_array_equal(got, ours[i])
+
+
+def test_continuation_after_generated_tokens(built_tiny, tiny_genai):
+    """A second turn: genai runs only appended tokens and has not run the last token it picked, so the app
+    rewinds one token and appends it again with the new ones; then genai's tokens are our Engine's on the
+    whole sequence (the second prompt crosses a chunk boundary)."""
+    from l4compile.runtime import Engine
+    engine, genai = Engine.load(built_tiny("tiny-scout")), Genai(tiny_genai("tiny-scout"))
+    first, second = prompts(engine.manifest.vocab_size, lengths=(13, 11), seed=3)
+    params = og.GeneratorParams(genai.model)
+    params.set_search_options(max_length=64, do_sample=False)
+    generator = og.Generator(genai.model, params)
+    generator.append_tokens(first.astype(np.int32)[None])
+    for _ in range(6):
+        generator.generate_next_token()
+    sequence = np.asarray(generator.get_sequence(0))
+    generator.rewind_to(len(sequence) - 1)
+    generator.append_tokens(np.concatenate([sequence[-1:], second]).astype(np.int32)[None])
+    for _ in range(NEW_TOKENS):
+        generator.generate_next_token()
+    whole = np.concatenate([sequence, second])
+    ours = engine.generate(whole[None], max_new_tokens=NEW_TOKENS, stop_tokens=[])[0]
+    np.testing.assert_array_equal(np.asarray(generator.get_sequence(0)), ours)
