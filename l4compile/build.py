@@ -61,9 +61,10 @@ class BuildOptions:
     disable_passes: tuple[str, ...] = ()
     print_ir_after: str | None = None    # print the IR after this pass
     verbose: bool = False                # log each pass's time and stats
-    quantize: str | None = None          # "fp8" | "int4": quantization passes appended to the pipeline
+    quantize: str | None = None          # "fp8" | "int8" | "int4": quantization passes appended to the pipeline
     quantize_activations: bool | None = None   # fp8: calibrated Q/DQ on activations too; None: yes for target trt
-    quantize_embeddings: bool = False    # the embedding table too (int8 rows)
+    quantize_embeddings: bool | None = None    # the embedding table too (int8 rows); None: yes for int8 / int4
+    quantize_lm_head: bool = True        # int8 / int4: the lm_head too (fp8 always quantizes it)
     int4_method: str = "auto"            # int4: "gptq" (calibrated error compensation), "rtn" (round to
                                          # nearest), "auto": gptq where calibration fits in memory
     engine: Any = None                   # target trt: l4compile.trt.profiles.EngineOptions (None: defaults)
@@ -78,9 +79,13 @@ class BuildOptions:
         activations = self.quantize_activations
         if activations is None:   # TensorRT builds FP8 kernels from explicit Q/DQ on weights *and* activations
             activations = self.target == "trt" and self.quantize == "fp8"
+        embeddings = self.quantize_embeddings
+        if embeddings is None:   # llama.cpp's Q8_0 / Q4_0 files quantize the table too
+            embeddings = self.quantize in ("int8", "int4")
         return {"weights": self.quantize, "activations": "fp8" if activations else None,
-                "embeddings": "int8" if self.quantize_embeddings else None,
-                **({"method": self.int4_method} if self.quantize == "int4" else {})}
+                "embeddings": "int8" if embeddings else None,
+                **({"method": self.int4_method} if self.quantize == "int4" else {}),
+                **({"lm_head": "kept"} if not self.quantize_lm_head and self.quantize != "fp8" else {})}
 
 
 @dataclass

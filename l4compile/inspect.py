@@ -67,9 +67,9 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
     - `fits` (with `budget_bytes`): per weight dtype, whether its weights plus the chunked
       KV cache at `context` (none without a context) fit in the budget.
     - `quantized_build_bytes`: the text model's weights as `build --quantize fp8|int4` stores
-      them: matmul weights (attention, FFNs, experts, lm_head) quantized, the router, norms,
-      embeddings and the vision model (a build has one where the spec has a vision tower and an image
-      token) in bfloat16; with a budget, `fits_quantized_build` says whether each fits with the KV cache.
+      them: matmul weights (attention, FFNs, experts, lm_head) quantized, the router, norms and the
+      vision model (a build has one where the spec has a vision tower and an image token) in bfloat16,
+      the embeddings in bfloat16 (fp8) or int8 rows (int4's default); with a budget, `fits_quantized_build` says whether each fits with the KV cache.
     - `vision` (a spec with a vision tower, else None): its parameters, image features per tile and
       FLOPs per tile (2 per matmul parameter and token through it, plus the attention products).
 
@@ -115,9 +115,12 @@ HIGH_PRECISION_PARTS = ("embedding", "router", "norms")                         
 
 
 def _quantized_build_bytes(breakdown: dict[str, int], dtype: str, vision: bool) -> int:
+    """int4 builds quantize the embedding table too by default (int8 rows, as llama.cpp's files do)."""
     quantized = sum(breakdown[part] for part in QUANTIZED_PARTS)
-    high = sum(breakdown[p] for p in HIGH_PRECISION_PARTS) + (breakdown["vision"] if vision else 0)
-    return storage_bytes(quantized, dtype) + storage_bytes(high, "bfloat16")
+    high_parts = HIGH_PRECISION_PARTS if dtype == "fp8" else tuple(p for p in HIGH_PRECISION_PARTS if p != "embedding")
+    high = sum(breakdown[p] for p in high_parts) + (breakdown["vision"] if vision else 0)
+    embedding = 0 if dtype == "fp8" else breakdown["embedding"]
+    return storage_bytes(quantized, dtype) + storage_bytes(high, "bfloat16") + embedding
 
 
 def _vision_report(spec: ModelSpec) -> dict | None:
@@ -277,8 +280,9 @@ def _format_memory(report: dict) -> str:
         if "fits_quantized_build" in report:
             fits = "  fits" if report["fits_quantized_build"][dtype] else "  does not fit"
         vision = ", vision" if (report.get("vision") or {}).get("in_build") else ""
+        kept = "norms, embeddings" if dtype == "fp8" else "norms"
         lines.append(f"  {dtype + ' build':<10}{format_bytes(size):>12}{fits}   (build --quantize {dtype}: router, "
-                     f"norms, embeddings{vision} bfloat16)")
+                     f"{kept}{vision} bfloat16)")
     if "fits" in report:
         lines.append(f"  (budget {format_bytes(report['budget_bytes'])}, weights + chunked "
                      "KV cache at the context)")

@@ -27,7 +27,7 @@ from l4compile.passes.base import Pass
 from l4compile.passes.chunked_attention import ChunkedAttention, GlobalAttentionBlocks
 from l4compile.passes.cleanup import CommonSubexpressionElimination, ConstantFolding, DeadCodeElimination
 from l4compile.passes.moe_dispatch import MoEDispatch
-from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4
+from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4, QuantizeINT8
 from l4compile.passes.quantize_activations import QuantizeActivationsFP8
 from l4compile.passes.rotary_embedding import RotaryEmbedding
 from l4compile.passes.shard import Shard
@@ -35,7 +35,7 @@ from l4compile.passes.shard import Shard
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     ConstantFolding, MoEDispatch, ChunkedAttention, GlobalAttentionBlocks, RotaryEmbedding,
     CommonSubexpressionElimination, DeadCodeElimination,
-    QuantizeFP8, QuantizeINT4, QuantizeActivationsFP8, Shard,
+    QuantizeFP8, QuantizeINT4, QuantizeINT8, QuantizeActivationsFP8, Shard,
 )}
 
 

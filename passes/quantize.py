@@ -10,13 +10,16 @@
                      lowered with impl "ort"): an ORT-target choice, refused for --target trt.
                      method "rtn" rounds each weight to nearest; "gptq" chooses the codes with GPTQ
                      (`l4compile.quant.gptq`) from Hessians of calibration inputs, same layout.
+  quantize-int8      the same rewrites with 8-bit codes (MatMulNBits bits=8, QMoE expert_weight_bits=8),
+                     blocks of 32 with one scale each, symmetric (absmax / 127, as llama.cpp's Q8_0);
+                     round to nearest. The CPU peer of Q8_0; onnxruntime ORT-target only, like int4.
   quantize-fp8-activations (passes/quantize_activations.py)
                      after quantize-fp8: calibrated per-tensor Q/DQ on the inputs of ops with fp8
                      weights, the explicit quantization TensorRT builds FP8 kernels from.
 
 The router, norms and embeddings stay in high precision: the router because a flipped top-1 choice
 changes a token's whole expert, norms because they are tiny. `embeddings=True` quantizes the
-embedding table too, as int8 rows (ONNX Gather has no float8 kernel; the rows are gathered as int8,
+embedding table too (`build` turns it on by default for int8 and int4, as llama.cpp does), as int8 rows (ONNX Gather has no float8 kernel; the rows are gathered as int8,
 then dequantized). Quantized parameters are *derived* (`l4compile.weights.derived`): the weight
 stream computes them from the original tensor as it is written, one tensor at a time.
 """
@@ -207,7 +210,9 @@ class QuantizeINT4(Pass):
     embeddings: bool = False
     method: str = "rtn"
     hessians: Callable[[Graph, list[str]], dict[str, Any]] | None = None
+    lm_head: bool = True
 
+    bits: ClassVar[int] = 4
     name: ClassVar[str] = "quantize-int4"
     description: ClassVar[str] = ("linear and MoE weights to 4-bit blocks for onnxruntime's MatMulNBits "
                                   "(weight-only); router, norms and embeddings stay high precision")
@@ -217,12 +222,13 @@ class QuantizeINT4(Pass):
     def run(self, graph: Graph) -> PassResult:
         before = sum(v.type.nbytes() for v in graph.params())
         originals = [v.name for v in graph.params()]
-        if self.method not in INT4_METHODS:
-            raise PassError(f"unknown int4 method {self.method!r}; choose one of {', '.join(INT4_METHODS)}")
+        methods = INT4_METHODS if self.bits == 4 else ("rtn",)
+        if self.method not in methods:
+            raise PassError(f"unknown int{self.bits} method {self.method!r}; choose one of {', '.join(methods)}")
         self._cache: dict[str, list[str]] = {}
         self._hessians: dict[str, Any] = {}
         if self.method == "gptq" and self.hessians is not None:
-            candidates = [v.name for v in graph.params() if _weight_axis(graph, v.name, INT4_OPS) is not None]
+            candidates = [v.name for v in graph.params() if self._quantizable(graph, v.name)]
             self._hessians = self.hessians(graph, candidates) if candidates else {}
         counts = apply_rewrites(graph, self._rules())
         embedded = _quantize_embeddings(graph) if self.embeddings else 0
@@ -249,13 +255,16 @@ class QuantizeINT4(Pass):
             inputs: list[str] = []
             for i, value in enumerate(m.root.inputs):
                 inputs += self._codes(g, value, weights(m)[i]) if i in weights(m) else [value]
-            attrs = {k: m.root.attrs[k] for k in keep}
+            attrs = {k: m.root.attrs[k] for k in keep} | ({"bits": self.bits} if self.bits != 4 else {})
             return [g.op(quantized_op, inputs, name=m.root.name, block_size=self.block_size,
                          accuracy_level=self.accuracy_level, **attrs)]
 
         return Rewrite(f"{op}->{quantized_op}", Pat(op, *(Var(f"in{i}") for i in range(arity))), replace,
-                       where=lambda g, m: all(_weight_axis(g, m.root.inputs[i], INT4_OPS) is not None
-                                              for i in weights(m)))
+                       where=lambda g, m: all(self._quantizable(g, m.root.inputs[i]) for i in weights(m)))
+
+    def _quantizable(self, graph: Graph, value: str) -> bool:
+        """A weight of the ops this pass rewrites (the lm_head only with `lm_head`)."""
+        return _weight_axis(graph, value, INT4_OPS) is not None and (self.lm_head or value != "lm_head")
 
     def _codes(self, graph: Graph, value: str, axis: int) -> list[str]:
         """The [codes, scales] parameters of weight `value` (input features along `axis`), made once."""
@@ -265,15 +274,27 @@ class QuantizeINT4(Pass):
             out_shape = tuple(d for i, d in enumerate(shape) if i != axis)    # [..., N]
             blocks = -(-shape[axis] // self.block_size)
             options = {"axis": axis, "block_size": self.block_size}
-            scheme, inputs = "int4", ()
+            scheme, inputs, tag = ("int4", (), "int4") if self.bits == 4 else ("int8_blocks", (), "int8")
             if value in self._hessians:
                 scheme, inputs = "int4_gptq", (("hessian", self._hessians[value]),)
-            codes = _derived_param(graph, param, "int4", "uint8", out_shape + (blocks, self.block_size // 2),
+            codes = _derived_param(graph, param, tag, "uint8", out_shape + (blocks, self.block_size * self.bits // 8),
                                    scheme, "q", inputs, **options)
-            scales = _derived_param(graph, param, "int4_scale", param.type.dtype, out_shape + (blocks,),
+            scales = _derived_param(graph, param, f"{tag}_scale", param.type.dtype, out_shape + (blocks,),
                                     scheme, "scale", inputs, **options)
             self._cache[value] = [codes, scales]
         return self._cache[value]
+
+
+@dataclass
+class QuantizeINT8(QuantizeINT4):
+    """Weights of linear and MoE ops -> 8-bit blocks (MatMulNBits bits=8; QMoE expert_weight_bits=8), the
+    peer of llama.cpp's Q8_0. Round to nearest; `accuracy_level` 4 (int8 activations per block) is what
+    onnxruntime's CPU kernel runs fast: at 0 it dequantizes the whole weight on every call."""
+
+    bits: ClassVar[int] = 8
+    name: ClassVar[str] = "quantize-int8"
+    description: ClassVar[str] = ("linear and MoE weights to 8-bit blocks for onnxruntime's MatMulNBits and QMoE "
+                                  "(weight-only); router, norms and embeddings stay high precision")
 
 
 INT4_OPS = ("linear", "moe_experts", "moe_dispatch")
@@ -292,11 +313,15 @@ def quantization_passes(quantization: dict | None, target: str = "onnx",
     if scheme == "fp8":
         from l4compile.passes.quantize_activations import QuantizeActivationsFP8
         return [QuantizeFP8(embeddings)] + ([QuantizeActivationsFP8(calibrate)] if activations else [])
-    if scheme == "int4":
+    if scheme in ("int4", "int8"):
         if activations:
-            raise PassError("int4 is weight-only: activation quantization needs --quantize fp8")
+            raise PassError(f"{scheme} is weight-only: activation quantization needs --quantize fp8")
         if target == "trt":
-            raise PassError("--quantize int4 emits onnxruntime's MatMulNBits, which TensorRT does not parse; "
+            raise PassError(f"--quantize {scheme} emits onnxruntime's MatMulNBits, which TensorRT does not parse; "
                             "use --quantize fp8 for --target trt")
-        return [QuantizeINT4(embeddings=embeddings, method=quantization.get("method", "rtn"), hessians=hessians)]
-    raise PassError(f"unknown quantization {scheme!r}; choose fp8 or int4")
+        lm_head = quantization.get("lm_head") != "kept"
+        if scheme == "int8":
+            return [QuantizeINT8(embeddings=embeddings, lm_head=lm_head)]
+        return [QuantizeINT4(embeddings=embeddings, method=quantization.get("method", "rtn"), hessians=hessians,
+                             lm_head=lm_head)]
+    raise PassError(f"unknown quantization {scheme!r}; choose fp8, int8 or int4")

@@ -94,18 +94,27 @@ def unpack_int4(torch, q, scale, k: int, block_size: int):
     return values * scale.repeat_interleave(block_size, dim=-1)[..., :k]
 
 
+def unpack_nbits(torch, q, scale, k: int, block_size: int, bits: int):
+    """MatMulNBits codes of 4 or 8 bits -> weights [..., N, K] (8 bits: [..., N, k_blocks, block], value + 128)."""
+    if bits == 4:
+        return unpack_int4(torch, q, scale, k, block_size)
+    values = q.reshape(*q.shape[:-2], -1)[..., :k].to(scale.dtype) - 128
+    return values * scale.repeat_interleave(block_size, dim=-1)[..., :k]
+
+
 def _check_nbits(op: str, q: TensorType, scale: TensorType, k, attrs) -> None:
     block, bits = attrs["block_size"], attrs.get("bits", 4)
-    expect(bits == 4, op, f"only 4-bit weights are supported, got bits={bits}")
+    expect(bits in (4, 8), op, f"only 4- and 8-bit weights are supported, got bits={bits}")
     expect(block >= 16 and block & (block - 1) == 0, op, f"block_size must be a power of 2 >= 16, got {block}")
     expect(q.dtype == "uint8" and scale.dtype in FLOAT, op, f"codes {q} must be uint8, scales {scale} a float")
-    expect(q.shape[-2:] == (-(-k // block), block // 2) and scale.shape == q.shape[:-1], op,
+    expect(q.shape[-2:] == (-(-k // block), block * bits // 8) and scale.shape == q.shape[:-1], op,
            f"codes {q} and scales {scale} do not hold K={k} in blocks of {block}")
 
 
 @register
 class MatMulNBits(Op):
-    """x [..., K] @ W [K, N], W stored as 4-bit codes [N, k_blocks, block/2] and scales [N, k_blocks]."""
+    """x [..., K] @ W [K, N], W stored as 4-bit codes [N, k_blocks, block/2] (or, with bits=8, 8-bit codes
+    [N, k_blocks, block]) and scales [N, k_blocks]."""
 
     name = "matmul_nbits"
 
@@ -117,12 +126,12 @@ class MatMulNBits(Op):
 
     def torch(self, torch, inputs, attrs):
         x, q, scale = inputs
-        weight = unpack_int4(torch, q, scale, x.shape[-1], attrs["block_size"])
+        weight = unpack_nbits(torch, q, scale, x.shape[-1], attrs["block_size"], attrs.get("bits", 4))
         return [x @ weight.t().to(x.dtype)]
 
     def onnx(self, b, inputs, attrs, types):
         x, q, _ = types
-        return [b.node("MatMulNBits", inputs, domain=MS_DOMAIN, K=x.shape[-1], N=q.shape[0], bits=4,
+        return [b.node("MatMulNBits", inputs, domain=MS_DOMAIN, K=x.shape[-1], N=q.shape[0], bits=attrs.get("bits", 4),
                        block_size=attrs["block_size"], accuracy_level=attrs.get("accuracy_level", 0))]
 
 
@@ -135,7 +144,7 @@ class _ExpertsNBits:
         self.gate_up, self.gate_up_scale, self.down, self.down_scale = weights
         (self.experts, f2), self.hidden = types[2].shape[:2], types[0].shape[-1]
         self.inner = f2 // 2
-        self.nbits = dict(domain=MS_DOMAIN, bits=4, block_size=attrs["block_size"],
+        self.nbits = dict(domain=MS_DOMAIN, bits=attrs.get("bits", 4), block_size=attrs["block_size"],
                           accuracy_level=attrs.get("accuracy_level", 0))
 
     def mlp(self, b, rows: str, expert: int) -> str:
@@ -153,9 +162,9 @@ class _ExpertsNBits:
     def dequantized(torch, inputs, attrs):
         """The float weights gate_up [E, H, 2F] and down [E, F, H] of the torch reference."""
         x, _, gate_up, gate_up_scale, down, down_scale = inputs
-        block, h, f = attrs["block_size"], x.shape[-1], gate_up.shape[1] // 2
-        return (unpack_int4(torch, gate_up, gate_up_scale, h, block).transpose(1, 2).to(x.dtype),
-                unpack_int4(torch, down, down_scale, f, block).transpose(1, 2).to(x.dtype))
+        block, h, f, bits = attrs["block_size"], x.shape[-1], gate_up.shape[1] // 2, attrs.get("bits", 4)
+        return (unpack_nbits(torch, gate_up, gate_up_scale, h, block, bits).transpose(1, 2).to(x.dtype),
+                unpack_nbits(torch, down, down_scale, f, block, bits).transpose(1, 2).to(x.dtype))
 
     @staticmethod
     def check(op: str, inputs: list[TensorType], attrs: dict) -> None:
@@ -262,7 +271,7 @@ class MoEDispatchNBits(Op):
 
 
 def _ort_qmoe(b, experts: _ExpertsNBits, tokens: str, logits: str, chosen: str, scores: str, dtype: str) -> str:
-    """Top-1 through onnxruntime's com.microsoft QMoE (4-bit blocks, CPU and CUDA), as `moe_dispatch`'s
+    """Top-1 through onnxruntime's com.microsoft QMoE (4- or 8-bit blocks, CPU and CUDA), as `moe_dispatch`'s
     impl "ort" uses MoE: the input is pre-scaled by sigmoid(top logit) and routed by a one-hot of the chosen
     expert, so the normalised routing weight is exactly 1.0; SwiGLU with alpha 1, beta 0 is silu(gate) * up."""
     e, h, f = experts.experts, experts.hidden, experts.inner
@@ -280,5 +289,5 @@ def _ort_qmoe(b, experts: _ExpertsNBits, tokens: str, logits: str, chosen: str, 
     fc2 = b.node("Reshape", [experts.down, b.int64s(e, h, -1)])
     return b.node("QMoE", [routed_in, one_hot, fc1, fc1_scales, "", fc2, experts.down_scale], domain=MS_DOMAIN, k=1,
                   activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, activation_alpha=1.0,
-                  activation_beta=0.0, expert_weight_bits=4, block_size=experts.nbits["block_size"],
+                  activation_beta=0.0, expert_weight_bits=experts.nbits["bits"], block_size=experts.nbits["block_size"],
                   accuracy_level=experts.nbits["accuracy_level"])

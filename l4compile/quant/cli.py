@@ -9,14 +9,20 @@ from l4compile.progress import add_progress_args, current
 
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--quantize", choices=["fp8", "int4"],
-                   help="store weights quantized: fp8 (E4M3, per-output-channel scales) or int4 (blocks of 32, "
-                        "onnxruntime MatMulNBits); router, norms and embeddings stay high precision")
+    p.add_argument("--quantize", choices=["fp8", "int8", "int4"],
+                   help="store weights quantized: int8 or int4 (blocks of 32 with a scale each, onnxruntime "
+                        "MatMulNBits and QMoE: the CPU tiers, the peers of llama.cpp's Q8_0 and Q4_0), or fp8 (E4M3, "
+                        "per-output-channel scales: for GPU targets; on CPU onnxruntime dequantizes fp8 weights to "
+                        "float when the session loads, so fp8 buys a smaller file only, not speed or memory); the "
+                        "router and norms stay high precision")
     p.add_argument("--quantize-activations", action=argparse.BooleanOptionalAction, default=None,
                    help="fp8: calibrated per-tensor Q/DQ on activations too, as TensorRT expects (default: on for "
                         "--target trt, off for onnx)")
-    p.add_argument("--quantize-embeddings", action="store_true",
-                   help="quantize the embedding table too (int8 rows)")
+    p.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
+                   help="quantize the embedding table too, as int8 rows (default: on for int8 and int4, off for fp8)")
+    p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
+                   help="int8 / int4: quantize the lm_head like the other matmuls (default: on; "
+                        "--no-quantize-lm-head keeps it in the build dtype)")
     p.add_argument("--int4-method", choices=["auto", "gptq", "rtn"], default="auto",
                    help="int4: gptq (codes chosen with GPTQ from calibration Hessians), rtn (round to "
                         "nearest), auto (default: gptq where the float32 model fits in a third of memory)")
@@ -27,6 +33,7 @@ def apply_quantize_args(args: argparse.Namespace, options) -> None:
     options.quantize = args.quantize
     options.quantize_activations = args.quantize_activations
     options.quantize_embeddings = args.quantize_embeddings
+    options.quantize_lm_head = args.quantize_lm_head
     options.int4_method = args.int4_method
 
 

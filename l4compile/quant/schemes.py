@@ -12,6 +12,7 @@ import numpy as np
 FP8_MAX = 448.0      # largest finite float8e4m3fn
 INT8_MAX = 127.0
 INT4_ZERO_POINT = 8  # MatMulNBits' default zero point for 4 bits: stored code = value + 8
+INT8_ZERO_POINT = 128  # and for 8 bits (QMoE's too): stored code = value + 128
 
 
 def _absmax_scale(w: np.ndarray, axis: int, qmax: float) -> np.ndarray:
@@ -63,6 +64,25 @@ def int4_blocks(w: np.ndarray, axis: int, block_size: int) -> dict[str, np.ndarr
     return pack_int4(blocks, scale[..., 0])
 
 
+def int8_blocks(w: np.ndarray, axis: int, block_size: int) -> dict[str, np.ndarray]:
+    """8-bit codes in MatMulNBits' layout (bits=8), blocks of `block_size` along the input-feature `axis`.
+
+    w [..., K, ...] -> q uint8 [..., N, k_blocks, block_size] (code = value + 128) and scale
+    [..., N, k_blocks]. Symmetric, scale = absmax of the block / 127, as llama.cpp's Q8_0.
+    """
+    rows = np.moveaxis(w, axis, -1)                                      # [..., N, K] (a view)
+    k = rows.shape[-1]
+    blocks_per_row = -(-k // block_size)
+    padded = np.zeros(rows.shape[:-1] + (blocks_per_row * block_size,), dtype=np.float32)   # the one copy
+    padded[..., :k] = rows
+    blocks = padded.reshape(rows.shape[:-1] + (blocks_per_row, block_size))
+    scale = _absmax_scale(blocks, -1, INT8_MAX)                          # [..., N, k_blocks, 1]
+    np.divide(blocks, scale, out=blocks)
+    np.clip(np.rint(blocks, out=blocks), -INT8_MAX, INT8_MAX, out=blocks)
+    blocks += INT8_ZERO_POINT
+    return {"q": blocks.astype(np.uint8), "scale": scale[..., 0]}
+
+
 def pack_int4(values: np.ndarray, scale: np.ndarray) -> dict[str, np.ndarray]:
     """Integer values in [-8, 7], [..., N, k_blocks, block_size] -> MatMulNBits' packed codes
     [..., N, k_blocks, block_size / 2] (code = value + 8, low nibble first) and scale [..., N, k_blocks].
@@ -77,4 +97,4 @@ def _gptq_int4_blocks(w: np.ndarray, axis: int, block_size: int, hessian: np.nda
     return gptq_int4_blocks(w, axis, block_size, hessian)
 
 
-SCHEMES = {"fp8": fp8_per_channel, "int8": int8_per_channel, "int4": int4_blocks, "int4_gptq": _gptq_int4_blocks}
+SCHEMES = {"fp8": fp8_per_channel, "int8": int8_per_channel, "int8_blocks": int8_blocks, "int4": int4_blocks, "int4_gptq": _gptq_int4_blocks}
