@@ -40,9 +40,10 @@ ROWS = {   # label -> BuildOptions fields (None: the noisy-weights control)
     "fp8 weight-only": {"quantize": "fp8"},
     "fp8 weight-only + int8 embeddings": {"quantize": "fp8", "quantize_embeddings": True},
     "fp8 weights + activations (Q/DQ)": {"quantize": "fp8", "quantize_activations": True},
-    "int4 weight-only (round to nearest)": {"quantize": "int4", "int4_method": "rtn"},
-    "int4 weight-only (GPTQ)": {"quantize": "int4"},
+    "int4 weight-only (round to nearest)": {"quantize": "int4", "int4_method": "rtn", "quantize_embeddings": False},
+    "int4 weight-only (GPTQ)": {"quantize": "int4", "quantize_embeddings": False},
     "int4 weight-only (GPTQ) + int8 embeddings": {"quantize": "int4", "quantize_embeddings": True},
+    "int8 weight-only + int8 embeddings": {"quantize": "int8"},
     "control: fp32 weights x (1 + 1% noise)": None,
 }
 
