@@ -11,8 +11,11 @@ clients / wall time of the round), time to first token (p50, p95 over the client
 to its first text), and whether every client's text equals the other server's for the same prompt.
 Prints medians over rounds, and the median of the per-round throughput ratios.
 
+With `--in-process`, each round also submits the same requests straight to a Scheduler in the bench's
+process (no HTTP, no clients), batched and one at a time: the scheduler's own gain.
+
     python bench/serve.py [--rounds 3] [--clients 16] [--max-batch 8] [--max-tokens 64] [--threads 2]
-        [--context 512] [--build DIR]
+        [--context 512] [--build DIR] [--in-process]
 """
 
 from __future__ import annotations
@@ -82,6 +85,37 @@ def load(server, prompts: list[str], max_tokens: int) -> dict:
             "ttft_p50": statistics.median(ttft), "ttft_p95": ttft[min(len(ttft) - 1, round(0.95 * (len(ttft) - 1)))]}
 
 
+def in_process(build_dir: Path, prompts: list[str], max_tokens: int, max_batch: int, threads: int,
+               context: int) -> dict:
+    """The same requests submitted straight to a Scheduler (no HTTP, no clients): the scheduler's own gain."""
+    import threading
+
+    from l4compile.runtime import Engine
+    from l4compile.runtime.sampling import Sampling
+    from l4compile.serve.scheduler import Finished, Request, Scheduler
+    engine = Engine.load(build_dir, threads=threads)
+    scheduler = Scheduler(engine, max_batch=max_batch, max_queue=len(prompts), context=context)
+    stops = frozenset(engine.text_settings["stop_tokens"])
+    done, tokens = [threading.Event() for _ in prompts], [0] * len(prompts)
+
+    def sink(i: int):
+        def receive(event) -> None:
+            if not hasattr(event, "text"):
+                tokens[i] = event.completion_tokens if isinstance(event, Finished) else 0
+                done[i].set()
+        return receive
+
+    scheduler.start()
+    started = time.perf_counter()
+    for i, prompt in enumerate(prompts):
+        scheduler.submit(Request(engine.encode_prompt(prompt), max_tokens, Sampling(0.0), None, stops, (), sink(i)))
+    for event in done:
+        event.wait()
+    seconds = time.perf_counter() - started
+    scheduler.stop()
+    return {"tokens": sum(tokens), "seconds": seconds, "throughput": sum(tokens) / seconds}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -91,6 +125,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--context", type=int, default=512, help="the servers' tokens per row")
     parser.add_argument("--build", type=Path, help="serve this build (with a tokenizer) instead of bench-16e")
+    parser.add_argument("--in-process", action="store_true",
+                        help="also run the same requests on a Scheduler in this process (no HTTP), each round")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="l4compile-bench-serve-") as tmp:
         workdir = Path(tmp)
@@ -120,6 +156,12 @@ def main() -> None:
                         f"{result['seconds']:.2f} s, {result['throughput']:.1f} tokens/s, time to first token p50 "
                         f"{result['ttft_p50']:.2f} s p95 {result['ttft_p95']:.2f} s")
                 same &= texts["batched"] == texts["one at a time"]
+                if args.in_process:
+                    for name, batch in (("scheduler, batched", args.max_batch), ("scheduler, one at a time", 1)):
+                        result = in_process(args.build, prompts, args.max_tokens, batch, args.threads, args.context)
+                        rows.setdefault(name, []).append(result)
+                        log(f"round {r + 1}/{args.rounds} {name} (no HTTP): {result['tokens']} tokens in "
+                            f"{result['seconds']:.2f} s, {result['throughput']:.1f} tokens/s")
         finally:
             for server in servers.values():
                 server.stop()
@@ -138,6 +180,11 @@ def main() -> None:
               f"{median(name, 'ttft_p95'):.2f} s |")
     print(f"\nthroughput ratio (median of per-round ratios): {ratio:.2f}x; "
           f"every client's text equal on both servers: {'yes' if same else 'NO'}")
+    if args.in_process:
+        alone = statistics.median(b["throughput"] / o["throughput"] for b, o in
+                                  zip(rows["scheduler, batched"], rows["scheduler, one at a time"]))
+        print(f"the scheduler alone (no HTTP): {median('scheduler, batched', 'throughput'):.1f} vs "
+              f"{median('scheduler, one at a time', 'throughput'):.1f} tokens/s, ratio {alone:.2f}x")
 
 
 if __name__ == "__main__":
