@@ -175,10 +175,14 @@ class Scheduler:
                     self._lock.wait()
                 if self._stopping:
                     break
-            self._drop_finished()
-            self._admit()
-            self._prefill_piece()
-            self._decode_step()
+            try:
+                self._drop_finished()
+                self._admit()
+                self._prefill_piece()
+                self._decode_step()
+            except Exception as exc:   # a fault outside any one request's step: answer the batch, never hang
+                for row in list(self._rows):
+                    self._fail(row.request, _internal(exc), row)
         self._fail_all()
 
     def _fail_all(self) -> None:
