@@ -6,7 +6,12 @@ and built by l4compile from it), float32, the same CPU threads:
 - `ours`: the onnx-cpu build (attention over in-place per-row KV caches);
 - `previous`: the same passes lowered for the sequence-major cache (the decode path before the
   in-place cache: each step concatenates and transposes the cached history);
-- `transformers` (sdpa), up to --transformers-max tokens (its masks grow with the square of the context).
+- `transformers` (sdpa), up to --transformers-max tokens (its masks grow with the square of the context);
+- `llamacpp`: llama.cpp (bench/llamacpp.py: built once from the llama-cpp-python 0.3.36 source
+  distribution) on the same checkpoint converted to GGUF F32 by its own converter, run in this process
+  through its ctypes bindings (prompt in batches of 512, then one token per llama_decode). llama.cpp
+  hard-codes Llama 4's chunk size and temperature floor (8192): it runs only on a spec with both at
+  8192 (specs/bench-16e-8k.yaml), and is skipped with a line saying so on others.
 
 For each context the engines run in alternating rounds: prefill of the prompt (last-token logits),
 then --new greedy tokens; decode tokens/s counts the steps after the first new token. Reported:
@@ -15,6 +20,7 @@ context in the same round; ours / previous). Peak memory: one prefill + decode p
 in a fresh process (VmHWM).
 
     python bench/long_context.py [--contexts 2048 8192 32768 65536] [--rounds 3] [--new 32] [--threads 2]
+        [--spec specs/bench-16e-8k.yaml --engines ours llamacpp transformers]
 """
 
 from __future__ import annotations
@@ -57,6 +63,36 @@ class Ours:
         return self.engine._step(token[:, None], cache, logits_start=0)[:, -1], cache
 
 
+class LlamaCppEngine:
+    """llama.cpp through its bindings; the "cache" is the number of positions filled."""
+
+    def __init__(self, gguf: Path, threads: int, context: int) -> None:
+        from llamacpp import LlamaCpp, Model
+        self.model = Model(LlamaCpp.ensure(), gguf, threads, context=context)
+
+    def prefill(self, ids: np.ndarray, new: int):
+        self.model.reset()
+        return self.model._decode([int(t) for t in ids[0]], 0, False)[-1:], ids.shape[1]
+
+    def decode(self, token: np.ndarray, position: int):
+        return self.model._decode([int(token[0])], position, False)[-1:], position + 1
+
+
+def llamacpp_gguf(checkpoint: Path, out: Path) -> Path:
+    from llamacpp import LlamaCpp
+    return LlamaCpp.ensure().convert(checkpoint, out, ("F32",))["F32"]
+
+
+def llamacpp_refusal(spec) -> str | None:
+    """Why llama.cpp cannot run this spec as the same model (None: it can)."""
+    att = spec.attention
+    floor = att.temperature_tuning.floor_scale if att.temperature_tuning else 8192
+    if att.chunk_size != 8192 or floor != 8192:
+        return (f"llama.cpp skipped: it hard-codes Llama 4's chunk size and temperature floor (8192); "
+                f"{spec.name} has {att.chunk_size} and {floor} (use specs/bench-16e-8k.yaml)")
+    return None
+
+
 class HF(Transformers):
     def prefill(self, ids: np.ndarray, new: int):
         return super().prefill(ids)
@@ -81,9 +117,11 @@ def measure(engine, ids: np.ndarray, new: int) -> dict:
     return {"prefill_s": prefill, "decode_tok_s": (new - 1) / (time.perf_counter() - start), "tokens": tokens}
 
 
-def make_engine(kind: str, dirs: dict, threads: int):
+def make_engine(kind: str, dirs: dict, threads: int, context: int = 0):
     if kind == "transformers":
         return HF(dirs["checkpoint"], "sdpa", threads)
+    if kind == "llamacpp":
+        return LlamaCppEngine(dirs["gguf"], threads, context)
     return Ours(dirs[kind], threads, kind)
 
 
@@ -91,7 +129,7 @@ def worker(args) -> None:
     """Peak memory of one engine alone over one prefill + decode (VmHWM: ru_maxrss carries over exec)."""
     dirs = json.loads(args.dirs)
     dirs = {k: Path(v) for k, v in dirs.items()}
-    engine = make_engine(args.worker, dirs, args.threads)
+    engine = make_engine(args.worker, dirs, args.threads, args.context + args.new + 8)
     measure(engine, prompt(args.vocab, args.context), args.new)
     status = Path("/proc/self/status").read_text()
     print(json.dumps({"peak_mb": next(int(x.split()[1]) for x in status.splitlines() if x.startswith("VmHWM:")) / 1024}))
@@ -134,15 +172,20 @@ def main() -> None:
     from l4compile.spec import load_spec
     spec = load_spec(args.spec)
     contexts = sorted(args.contexts)
+    if "llamacpp" in args.engines and llamacpp_refusal(spec):
+        print(llamacpp_refusal(spec))
+        args.engines = [e for e in args.engines if e != "llamacpp"]
     with tempfile.TemporaryDirectory(prefix="l4long-") as tmp:
         tmp = Path(tmp)
         dirs = {"checkpoint": tmp / "hf", "ours": tmp / "ours", "previous": tmp / "previous"}
         make_checkpoint(args.spec, dirs["checkpoint"])
+        if "llamacpp" in args.engines:
+            dirs["gguf"] = llamacpp_gguf(dirs["checkpoint"], tmp / "gguf")
         (tmp / "previous.yaml").write_text(PREVIOUS_PIPELINE)
         build(args.spec, dirs["checkpoint"], dirs["ours"], None)
         if "previous" in args.engines:
             build(args.spec, dirs["checkpoint"], dirs["previous"], str(tmp / "previous.yaml"))
-        engines = {kind: make_engine(kind, dirs, args.threads) for kind in args.engines}
+        engines = {kind: make_engine(kind, dirs, args.threads, contexts[-1] + args.new + 8) for kind in args.engines}
         runs: dict[tuple[str, int], list[dict]] = {}
         for r in range(args.rounds):
             for n in contexts:
@@ -175,8 +218,8 @@ def report(spec, args, contexts: list[int], runs: dict, memory: dict) -> None:
             ratio = med(r["decode_tok_s"] / b["decode_tok_s"] for r, b in zip(rs, base))
             peak = memory.get((kind, n))
             print(f"{kind:<14}{n:>9}{med(r['prefill_s'] for r in rs):>11.2f}{med(r['decode_tok_s'] for r in rs):>14.1f}"
-                  f"{ratio:>13.2f}x{peak if peak is None else round(peak):>9}")
-    for other in ("previous", "transformers"):
+                  f"{ratio:>13.2f}x{'-' if peak is None else round(peak):>9}")
+    for other in ("previous", "transformers", "llamacpp"):
         if other not in args.engines or "ours" not in args.engines:
             continue
         for n in contexts:

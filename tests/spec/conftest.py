@@ -8,7 +8,7 @@ import pytest
 
 SPECS_DIR = Path(__file__).resolve().parents[2] / "specs"
 FULL_SIZE = ("scout", "maverick", "behemoth")
-SHIPPED = FULL_SIZE + ("tiny-scout", "tiny-maverick", "bench-16e", "bench-128e")
+SHIPPED = FULL_SIZE + ("tiny-scout", "tiny-maverick", "bench-16e", "bench-16e-8k", "bench-128e", "bench-1b5")
 
 
 def spec_path(name: str) -> Path:
