@@ -63,7 +63,8 @@ class BuildOptions:
     verbose: bool = False                # log each pass's time and stats
     quantize: str | None = None          # "fp8" | "int8" | "int4": quantization passes appended to the pipeline
     quantize_activations: bool | None = None   # fp8: calibrated Q/DQ on activations too; None: yes for target trt
-    quantize_embeddings: bool | None = None    # the embedding table too (int8 rows); None: yes for int8 / int4
+    quantize_embeddings: bool | None = None    # the embedding table too (int8 / int4: blocks like the matmuls';
+                                               # fp8: int8 rows); None: yes for int8 / int4
     quantize_lm_head: bool = True        # int8 / int4: the lm_head too (fp8 always quantizes it)
     int4_method: str = "auto"            # int4: "gptq" (calibrated error compensation), "rtn" (round to
                                          # nearest), "auto": gptq where calibration fits in memory
@@ -83,7 +84,7 @@ class BuildOptions:
         if embeddings is None:   # llama.cpp's Q8_0 / Q4_0 files quantize the table too
             embeddings = self.quantize in ("int8", "int4")
         return {"weights": self.quantize, "activations": "fp8" if activations else None,
-                "embeddings": "int8" if embeddings else None,
+                "embeddings": (self.quantize if self.quantize in ("int8", "int4") else "int8") if embeddings else None,
                 **({"method": self.int4_method} if self.quantize == "int4" else {}),
                 **({"lm_head": "kept"} if not self.quantize_lm_head and self.quantize != "fp8" else {})}
 

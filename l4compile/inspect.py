@@ -32,7 +32,10 @@ def canonical_dtype(dtype: str) -> str:
 
 
 def storage_bytes(elements: int, dtype: str) -> int:
-    """Bytes to store `elements` values; int4 packs two per byte plus the block scales."""
+    """Bytes to store `elements` values; int4 packs two per byte plus the block scales, int8 (a
+    quantized build's blocks, not a weight dtype of its own) one per byte plus the block scales."""
+    if dtype == "int8":
+        return elements + 2 * math.ceil(elements / INT4_BLOCK)
     dtype = canonical_dtype(dtype)
     if dtype == "int4":
         return math.ceil(elements / 2) + 2 * math.ceil(elements / INT4_BLOCK)
@@ -66,10 +69,10 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
       min(context, chunk_size) positions, global layers `context`).
     - `fits` (with `budget_bytes`): per weight dtype, whether its weights plus the chunked
       KV cache at `context` (none without a context) fit in the budget.
-    - `quantized_build_bytes`: the text model's weights as `build --quantize fp8|int4` stores
+    - `quantized_build_bytes`: the text model's weights as `build --quantize fp8|int8|int4` stores
       them: matmul weights (attention, FFNs, experts, lm_head) quantized, the router, norms and the
       vision model (a build has one where the spec has a vision tower and an image token) in bfloat16,
-      the embeddings in bfloat16 (fp8) or int8 rows (int4's default); with a budget, `fits_quantized_build` says whether each fits with the KV cache.
+      the embeddings in bfloat16 (fp8) or the matmuls' blocks (int8 / int4 defaults); with a budget, `fits_quantized_build` says whether each fits with the KV cache.
     - `vision` (a spec with a vision tower, else None): its parameters, image features per tile and
       FLOPs per tile (2 per matmul parameter and token through it, plus the attention products).
 
@@ -109,18 +112,18 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
     return report
 
 
-QUANTIZED_BUILDS = ("fp8", "int4")
+QUANTIZED_BUILDS = ("fp8", "int8", "int4")
 QUANTIZED_PARTS = ("lm_head", "attention", "dense_ffn", "moe_routed", "moe_shared")   # what --quantize stores quantized
 HIGH_PRECISION_PARTS = ("embedding", "router", "norms")                              # kept in bfloat16
 
 
 def _quantized_build_bytes(breakdown: dict[str, int], dtype: str, vision: bool) -> int:
-    """int4 builds quantize the embedding table too by default (int8 rows, as llama.cpp's files do)."""
-    quantized = sum(breakdown[part] for part in QUANTIZED_PARTS)
-    high_parts = HIGH_PRECISION_PARTS if dtype == "fp8" else tuple(p for p in HIGH_PRECISION_PARTS if p != "embedding")
-    high = sum(breakdown[p] for p in high_parts) + (breakdown["vision"] if vision else 0)
-    embedding = 0 if dtype == "fp8" else breakdown["embedding"]
-    return storage_bytes(quantized, dtype) + storage_bytes(high, "bfloat16") + embedding
+    """int8 and int4 builds quantize the embedding table too by default, in the same blocks as the
+    matmul weights (as llama.cpp's files do); fp8 builds keep it in bfloat16."""
+    quantized_parts = QUANTIZED_PARTS + (() if dtype == "fp8" else ("embedding",))
+    quantized = sum(breakdown[part] for part in quantized_parts)
+    high = sum(breakdown[p] for p in HIGH_PRECISION_PARTS if p not in quantized_parts)
+    return storage_bytes(quantized, dtype) + storage_bytes(high + (breakdown["vision"] if vision else 0), "bfloat16")
 
 
 def _vision_report(spec: ModelSpec) -> dict | None:

@@ -19,8 +19,10 @@
 
 The router, norms and embeddings stay in high precision: the router because a flipped top-1 choice
 changes a token's whole expert, norms because they are tiny. `embeddings=True` quantizes the
-embedding table too (`build` turns it on by default for int8 and int4, as llama.cpp does), as int8 rows (ONNX Gather has no float8 kernel; the rows are gathered as int8,
-then dequantized). Quantized parameters are *derived* (`l4compile.weights.derived`): the weight
+embedding table too (`build` turns it on by default for int8 and int4, as llama.cpp does): quantize-int8
+and quantize-int4 store it in their own blocks (`embedding_nbits`, onnxruntime's GatherBlockQuantized; a
+table tied to the lm_head once, for both uses), quantize-fp8 as int8 rows (ONNX Gather has no float8
+kernel; the rows are gathered as int8, then dequantized). Quantized parameters are *derived* (`l4compile.weights.derived`): the weight
 stream computes them from the original tensor as it is written, one tensor at a time.
 """
 
@@ -231,13 +233,14 @@ class QuantizeINT4(Pass):
             candidates = [v.name for v in graph.params() if self._quantizable(graph, v.name)]
             self._hessians = self.hessians(graph, candidates) if candidates else {}
         counts = apply_rewrites(graph, self._rules())
-        embedded = _quantize_embeddings(graph) if self.embeddings else 0
+        embedded = self._quantize_tables(graph) if self.embeddings else 0
         _drop_unread_params(graph, originals)
         kept = [v.name for v in graph.params() if _weight_axis(graph, v.name) is not None]
         stats = {f"{rule}": n for rule, n in counts.items()}
         gptq = sum(1 for name in self._cache if name in self._hessians)
         self._hessians = {}
-        return PassResult(bool(counts or embedded), {**stats, "embeddings_int8": embedded, "weights_gptq": gptq,
+        return PassResult(bool(counts or embedded), {**stats, f"embeddings_int{self.bits}": embedded,
+                                                     "weights_gptq": gptq,
                                                      "weights_kept_float": len(kept), **_size_stats(graph, before)})
 
     def _rules(self) -> list[Rewrite]:
@@ -266,7 +269,42 @@ class QuantizeINT4(Pass):
         """A weight of the ops this pass rewrites (the lm_head only with `lm_head`)."""
         return _weight_axis(graph, value, INT4_OPS) is not None and (self.lm_head or value != "lm_head")
 
-    def _codes(self, graph: Graph, value: str, axis: int) -> list[str]:
+    def _quantize_tables(self, graph: Graph) -> int:
+        """Embedding tables -> the same blocks as the matmul weights (`embedding_nbits`: onnxruntime's
+        GatherBlockQuantized), as llama.cpp's Q8_0 / Q4_0 files store token_embd. A table tied to the lm_head
+        (linear with transpose_weight) is quantized once, [V, H] blocked along H, which is also MatMulNBits'
+        layout for N=V, K=H: both uses read the same codes. Tied, it is quantized only where the lm_head is
+        too (`lm_head`): otherwise both uses keep it in high precision. A hidden size that is not a multiple
+        of the block keeps the int8 rows of `_quantize_embeddings`."""
+        count = 0
+        for param in list(graph.params()):
+            readers = graph.users(param.name)
+            if param.init != "embedding" or is_quantized(param) or param.type.rank != 2 or not readers:
+                continue
+            lookups = [n for n in readers if n.op == "embedding" and n.inputs[1] == param.name]
+            tied = [n for n in readers if n.op == "linear" and n.inputs[1] == param.name
+                    and n.inputs[0] != param.name and n.attrs.get("transpose_weight")]
+            if len(lookups) + len(tied) != len(readers) or (tied and not self.lm_head):
+                continue
+            if param.type.shape[1] % self.block_size:
+                count += _quantize_embeddings(graph) if not tied else 0
+                continue
+            codes, scales = self._codes(graph, param.name, axis=1, gptq=False)
+            for node in lookups:
+                out = graph.op("embedding_nbits", [node.inputs[0], codes, scales], name=node.name,
+                               block_size=self.block_size, **({"bits": 8} if self.bits == 8 else {}))
+                graph.replace_uses(node.outputs[0], out)
+                graph.remove_node(node.name)
+            for node in tied:
+                out = graph.op("matmul_nbits", [node.inputs[0], codes, scales], name=node.name,
+                               block_size=self.block_size, accuracy_level=self.accuracy_level,
+                               **({"bits": 8} if self.bits == 8 else {}))
+                graph.replace_uses(node.outputs[0], out)
+                graph.remove_node(node.name)
+            count += 1
+        return count
+
+    def _codes(self, graph: Graph, value: str, axis: int, gptq: bool = True) -> list[str]:
         """The [codes, scales] parameters of weight `value` (input features along `axis`), made once."""
         if value not in self._cache:
             param = graph.values[value]
@@ -275,7 +313,7 @@ class QuantizeINT4(Pass):
             blocks = -(-shape[axis] // self.block_size)
             options = {"axis": axis, "block_size": self.block_size}
             scheme, inputs, tag = ("int4", (), "int4") if self.bits == 4 else ("int8_blocks", (), "int8")
-            if value in self._hessians:
+            if gptq and value in self._hessians:
                 scheme, inputs = "int4_gptq", (("hessian", self._hessians[value]),)
             codes = _derived_param(graph, param, tag, "uint8", out_shape + (blocks, self.block_size * self.bits // 8),
                                    scheme, "q", inputs, **options)

@@ -291,3 +291,34 @@ def _ort_qmoe(b, experts: _ExpertsNBits, tokens: str, logits: str, chosen: str, 
                   activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, activation_alpha=1.0,
                   activation_beta=0.0, expert_weight_bits=experts.nbits["bits"], block_size=experts.nbits["block_size"],
                   accuracy_level=experts.nbits["accuracy_level"])
+
+
+@register
+class EmbeddingNBits(Op):
+    """table[ids] for a table stored as 4- or 8-bit blocks along the hidden axis, in MatMulNBits' layout
+    (codes [V, H/block, block * bits / 8], scales [V, H/block]: the same tensors serve a tied lm_head's
+    MatMulNBits). ONNX: onnxruntime's com.microsoft GatherBlockQuantized (default zero points 8 and 128,
+    as MatMulNBits), which dequantizes only the gathered rows."""
+
+    name = "embedding_nbits"
+
+    def infer(self, inputs, attrs):
+        ids, q, scale = inputs
+        block, bits = attrs["block_size"], attrs.get("bits", 4)
+        expect(ids.dtype == "int64", self.name, f"ids must be int64, got {ids}")
+        expect(q.rank == 3 and bits in (4, 8), self.name, f"codes {q} must be [V, blocks, bytes], bits 4 or 8")
+        _check_nbits(self.name, q, scale, q.shape[1] * block, attrs)
+        return [TensorType(scale.dtype, ids.shape + (q.shape[1] * block,))]
+
+    def torch(self, torch, inputs, attrs):
+        ids, q, scale = inputs
+        block = attrs["block_size"]
+        return [unpack_nbits(torch, q[ids], scale[ids], q.shape[1] * block, block, attrs.get("bits", 4))]
+
+    def onnx(self, b, inputs, attrs, types):
+        ids, q, scale = inputs
+        rank, hidden = types[0].rank, types[1].shape[1] * attrs["block_size"]
+        scales = b.node("Unsqueeze", [scale, b.int64s(-1)])                          # [V, blocks, 1]
+        rows = b.node("GatherBlockQuantized", [q, ids, scales], domain=MS_DOMAIN, gather_axis=0, quantize_axis=2,
+                      block_size=attrs["block_size"], bits=attrs.get("bits", 4))   # [..., blocks, block]
+        return [b.node("Reshape", [rows, b.int64s(*([0] * rank), hidden)])]

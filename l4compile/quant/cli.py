@@ -19,7 +19,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="fp8: calibrated per-tensor Q/DQ on activations too, as TensorRT expects (default: on for "
                         "--target trt, off for onnx)")
     p.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the embedding table too, as int8 rows (default: on for int8 and int4, off for fp8)")
+                   help="quantize the embedding table too (default: on for int8 and int4, in their blocks of 32; off "
+                        "for fp8, where it gives int8 rows); a table tied to the lm_head follows both options")
     p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
                    help="int8 / int4: quantize the lm_head like the other matmuls (default: on; "
                         "--no-quantize-lm-head keeps it in the build dtype)")

@@ -87,7 +87,8 @@ def test_int8_is_rtn_only_and_refused_for_trt():
 def test_build_defaults_quantize_embeddings_and_lm_head_for_int8_and_int4():
     assert BuildOptions(quantize="int8").quantization() == {"weights": "int8", "activations": None,
                                                             "embeddings": "int8"}
-    assert BuildOptions(quantize="int4").quantization()["embeddings"] == "int8"
+    assert BuildOptions(quantize="int4").quantization()["embeddings"] == "int4"
+    assert BuildOptions(quantize="fp8", quantize_embeddings=True).quantization()["embeddings"] == "int8"   # rows
     assert BuildOptions(quantize="fp8").quantization()["embeddings"] is None
     kept = BuildOptions(quantize="int4", int4_method="rtn", quantize_embeddings=False,
                         quantize_lm_head=False).quantization()
@@ -98,7 +99,7 @@ def test_build_defaults_quantize_embeddings_and_lm_head_for_int8_and_int4():
     graph = lower(load("tiny-scout"), kv_cache=False)
     PassManager(quantization_passes(BuildOptions(quantize="int8").quantization())).run(graph)
     assert "lm_head" not in graph.values and "embed_tokens" not in graph.values
-    assert graph.values["embed_tokens.int8"].type == TensorType("int8", (256, 64))
+    assert graph.values["embed_tokens.int8"].type == TensorType("uint8", (256, 2, 32))   # blocks of 32, as Q8_0
     assert isinstance(quantization_passes(kept)[0], QuantizeINT4)
 
 
