@@ -83,6 +83,8 @@ CASES = {
     "dequantize": ([codes(2, 5, 6) - 60, np.abs(f32(2, 5, 2))], {"axis": 2, "block_size": 3}, 1),
     "quantize": ([f32(2, 5, 6) * 100, np.array(0.5, np.float32)], {}, 1),
     "matmul_nbits": ([f32(2, 5, 40), codes(3, 2, 16, dtype=np.uint8), 0.1 * f32(3, 2)], {"block_size": 32}, 1),
+    "embedding_nbits": ([rng.integers(0, 7, (2, 5)), codes(7, 2, 16, dtype=np.uint8), 0.1 * f32(7, 2)],
+                        {"block_size": 32}, 1),
     "moe_experts_nbits": ([f32(2, 5, 32), np.abs(f32(2, 5, 3)), codes(3, 32, 2, 8, dtype=np.uint8), 0.1 * f32(3, 32, 2),
                            codes(3, 32, 1, 8, dtype=np.uint8), 0.1 * f32(3, 32, 1)], {"block_size": 16}, 1),
     "moe_dispatch_nbits": ([f32(2, 5, 32), f32(2, 5, 4), codes(4, 32, 2, 8, dtype=np.uint8), 0.1 * f32(4, 32, 2),
