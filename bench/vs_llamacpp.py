@@ -25,7 +25,7 @@ Last line: `decode ours/llama.cpp: fp32 R1 int8 R2 int4 R3` (decode from an empt
         [--threads 2] [--prompt 512] [--new 128] [--work DIR]
 
 Checkpoints, builds and GGUF files are kept under --work (default ~/.cache/l4compile-bench/vs) and
-reused by later runs of the same spec.
+reused by later runs of the same spec; `--rebuild` makes our builds again (after a compiler change).
 """
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ ACCURACY_TOKENS = 128
 
 # ---- preparation ---------------------------------------------------------------------------
 
-def prepare(spec_path: Path, work: Path, peer: LlamaCpp, int4_method: str) -> dict:
+def prepare(spec_path: Path, work: Path, peer: LlamaCpp, int4_method: str, rebuild: bool = False) -> dict:
     """The checkpoint, our three builds and the three GGUF files (each made once)."""
     sys.path.insert(0, str(ROOT))
     from generate import make_checkpoint
@@ -65,7 +65,7 @@ def prepare(spec_path: Path, work: Path, peer: LlamaCpp, int4_method: str) -> di
     ours = {}
     for tier in TIERS:
         out = work / f"ours-{tier}"
-        if not (out / "manifest.json").exists():
+        if rebuild or not (out / "manifest.json").exists():
             print(f"building ours {tier}", flush=True)
             cmd = [sys.executable, "-m", "l4compile.cli", "build", str(spec_path), "--weights", str(hf), "-o", str(out),
                    "--force"] + ([] if tier == "fp32" else ["--quantize", tier]) \
@@ -231,6 +231,7 @@ def main() -> None:
     parser.add_argument("--int4-method", choices=["rtn", "gptq", "auto"], default="rtn",
                         help="our int4 codes (default rtn: the same rounding as Q4_0's)")
     parser.add_argument("--work", type=Path, default=cache_dir() / "vs")
+    parser.add_argument("--rebuild", action="store_true", help="build ours again even if --work holds builds")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -245,7 +246,7 @@ def main() -> None:
     for spec_path in args.specs:
         spec = load_spec(spec_path)
         args.vocab = spec.vocab_size
-        files = prepare(spec_path, args.work / spec.name, peer, args.int4_method)
+        files = prepare(spec_path, args.work / spec.name, peer, args.int4_method, args.rebuild)
         tokens = check_same_tokens(files, args, prompt_ids(spec.vocab_size, 32, 0))
         print(f"{spec.name}: ours fp32 and llama.cpp F32 continue a 32-token prompt with the same "
               f"{len(tokens)} greedy tokens", flush=True)
