@@ -91,7 +91,8 @@ def add_serve_command(sub: argparse._SubParsersAction, count) -> None:
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server (chat and completions, continuous batching)")
     p.add_argument("build", help="build directory with a tokenizer (--weights HF_DIR or --tokenizer DIR)")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=count, default=8000, help="default 8000")
+    p.add_argument("--port", type=options.cli_type(options.count("--port", 1, 65535), int, "a port number"), default=8000,
+                   help="1-65535 (default 8000)")
     p.add_argument("--max-batch", type=count, default=8, help="rows decoded together (default 8)")
     p.add_argument("--max-queue", type=count, default=64,
                    help="requests waiting for a row; more get 429 with Retry-After (default 64)")

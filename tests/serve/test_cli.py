@@ -35,6 +35,7 @@ def test_a_port_in_use_is_one_line(text_build):
 
 
 def test_usage_errors_exit_2(text_build):
-    for args in (["--max-batch", "0"], ["--request-timeout", "soon"], ["--port", "http"]):
+    for args in (["--max-batch", "0"], ["--request-timeout", "soon"], ["--port", "http"], ["--port", "99999"],
+                 ["--port", "0"]):
         result = serve(str(text_build), *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
