@@ -78,6 +78,7 @@ def format_comparison(report: dict) -> str:
         method = f" by {quantization['method']}" if quantization.get("method") else ""
         parts = [f"{quantization['weights']} weights{method}"]
         parts += [f"{quantization[k]} {k}" for k in ("activations", "embeddings") if quantization.get(k)]
+        parts += ["lm_head kept in high precision"] if quantization.get("lm_head") == "kept" else []
         return ", ".join(parts)
     p = report["prompts"]
     ratio = report["weight_bytes"] / max(report["reference_weight_bytes"], 1)

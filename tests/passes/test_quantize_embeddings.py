@@ -105,6 +105,12 @@ def test_manifest_and_inspect_say_what_was_quantized(builds):
                                                                    "embeddings": "int4", "method": "rtn"}
     kept = Engine.load(builds / "int4-float-tables").manifest.quantization
     assert kept["embeddings"] is None and kept["lm_head"] == "kept"
+    from l4compile.inspect import build_report
+    from l4compile.quant.report import compare_builds, format_comparison
+    text = format_comparison(compare_builds(builds / "int4-float-tables", builds / "fp32", batches=1, seq_len=8))
+    assert "(int4 weights by rtn, lm_head kept in high precision)" in text
+    sizes = build_report(load("bench-16e"))["quantized_build_bytes"]
+    assert sizes["int4"] < sizes["int8"] < sizes["fp8"]   # int8 and int4 quantize the table, fp8 keeps it
     import onnx
     ops = {n.op_type for n in onnx.load(builds / "int8" / "model.onnx", load_external_data=False).graph.node}
     assert {"GatherBlockQuantized", "MatMulNBits", "QMoE"} <= ops
