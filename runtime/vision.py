@@ -35,10 +35,11 @@ class VisionEncoder:
         if not model.is_file():
             raise BuildDirError(f"{directory}: vision model file {info['files']['model']} is missing")
         import onnxruntime as ort
+        from l4compile.runtime.ort_backend import create_session
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        return cls(info, ort.InferenceSession(str(model), options, providers=providers or ["CPUExecutionProvider"]))
+        return cls(info, create_session(model, options, providers or ["CPUExecutionProvider"], directory))
 
     def check_pixels(self, pixel_values) -> np.ndarray:
         """float [tiles, C, S, S] with tiles >= 1, in the model's dtype."""

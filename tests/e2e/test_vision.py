@@ -149,3 +149,22 @@ def test_inspect_counts_the_vision_graph(spec):
                 rows *= d if isinstance(d, int) else int(d.split("*")[1]) if "*" in d else 1
             matmul += 2 * rows * w.numel()
     assert report["flops_per_tile_parts"]["matmul"] == matmul and report["tokens_per_tile"] == 4
+
+
+def test_damaged_vision_model_is_one_error_without_onnxruntime_logs(spec, tmp_path, capfd):
+    """As for the text model: onnxruntime's failure on vision.onnx is a BuildDirError naming the file."""
+    import json
+    from l4compile.runtime.errors import BuildDirError
+    build(spec, tmp_path / "b", RandomWeights(0), BuildOptions(), log=lambda _: None)
+    path = tmp_path / "b" / VISION_FILE
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = b"\xff" * 64
+    path.write_bytes(bytes(data))
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    manifest.pop("checksums")
+    (tmp_path / "b" / "manifest.json").write_text(json.dumps(manifest))
+    capfd.readouterr()
+    with pytest.raises(BuildDirError, match=rf"{VISION_FILE}: onnxruntime cannot load the model"):
+        Engine.load(tmp_path / "b")
+    captured = capfd.readouterr()
+    assert captured.err == "" and captured.out == ""
