@@ -42,6 +42,17 @@ def int8_per_channel(w: np.ndarray, axis: int) -> dict[str, np.ndarray]:
     return {"q": _scaled(w, scale, INT8_MAX, True).astype(np.int8), "scale": scale}
 
 
+def _blocks(w: np.ndarray, axis: int, block_size: int) -> np.ndarray:
+    """w [..., K, ...] with K at `axis` -> float32 [..., N, k_blocks, block_size], zero-padded at the end of K:
+    the one float copy a block quantizer makes (it then works in place)."""
+    rows = np.moveaxis(w, axis, -1)                                      # [..., N, K] (a view)
+    k = rows.shape[-1]
+    blocks_per_row = -(-k // block_size)
+    padded = np.zeros(rows.shape[:-1] + (blocks_per_row * block_size,), dtype=np.float32)
+    padded[..., :k] = rows
+    return padded.reshape(rows.shape[:-1] + (blocks_per_row, block_size))
+
+
 def int4_blocks(w: np.ndarray, axis: int, block_size: int) -> dict[str, np.ndarray]:
     """4-bit codes in MatMulNBits' layout, blocks of `block_size` along the input-feature `axis`.
 
@@ -50,12 +61,7 @@ def int4_blocks(w: np.ndarray, axis: int, block_size: int) -> dict[str, np.ndarr
     largest magnitude in a block maps to code 0 (-8 * scale), as llama.cpp's Q4_0 and onnxruntime's
     4-bit quantizer do, so a block uses all 16 levels.
     """
-    rows = np.moveaxis(w, axis, -1)                                      # [..., N, K] (a view)
-    k = rows.shape[-1]
-    blocks_per_row = -(-k // block_size)
-    padded = np.zeros(rows.shape[:-1] + (blocks_per_row * block_size,), dtype=np.float32)   # the one copy
-    padded[..., :k] = rows
-    blocks = padded.reshape(rows.shape[:-1] + (blocks_per_row, block_size))
+    blocks = _blocks(w, axis, block_size)
     high, low = blocks.max(axis=-1, keepdims=True), blocks.min(axis=-1, keepdims=True)
     extreme = np.where(high >= -low, high, low)                          # the value of largest magnitude
     scale = (extreme / -INT4_ZERO_POINT).astype(np.float32)              # [..., N, k_blocks, 1]
@@ -70,12 +76,7 @@ def int8_blocks(w: np.ndarray, axis: int, block_size: int) -> dict[str, np.ndarr
     w [..., K, ...] -> q uint8 [..., N, k_blocks, block_size] (code = value + 128) and scale
     [..., N, k_blocks]. Symmetric, scale = absmax of the block / 127, as llama.cpp's Q8_0.
     """
-    rows = np.moveaxis(w, axis, -1)                                      # [..., N, K] (a view)
-    k = rows.shape[-1]
-    blocks_per_row = -(-k // block_size)
-    padded = np.zeros(rows.shape[:-1] + (blocks_per_row * block_size,), dtype=np.float32)   # the one copy
-    padded[..., :k] = rows
-    blocks = padded.reshape(rows.shape[:-1] + (blocks_per_row, block_size))
+    blocks = _blocks(w, axis, block_size)
     scale = _absmax_scale(blocks, -1, INT8_MAX)                          # [..., N, k_blocks, 1]
     np.divide(blocks, scale, out=blocks)
     np.clip(np.rint(blocks, out=blocks), -INT8_MAX, INT8_MAX, out=blocks)
