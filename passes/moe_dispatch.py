@@ -27,6 +27,9 @@ class MoEDispatch(Pass):
 
     impl: str = "grouped"
     gather_max_tokens: int = 8
+    # impl "ort": split each expert into up to this many parts (a power of two dividing its inner
+    # size) so that onnxruntime's threads share a token's expert (see ops_moe_dispatch._ort_moe).
+    ort_parts: int = 1
 
     name = "moe-dispatch"
     description = "run each token through its selected experts only, not every expert (MoE dispatch fusion)"
@@ -34,6 +37,8 @@ class MoEDispatch(Pass):
     ensures = ("moe-dispatched",)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.ort_parts, int) or self.ort_parts < 1:
+            raise PassError(f"pass {self.name}: ort_parts must be a positive integer, got {self.ort_parts!r}")
         if self.impl not in IMPLS:
             raise PassError(f"pass {self.name}: impl {self.impl!r} is not one of {', '.join(IMPLS)}")
 
@@ -54,4 +59,5 @@ class MoEDispatch(Pass):
         block = m.nodes["experts"].name.rsplit(".", 1)[0]
         inputs = [m.values["x"], m.values["logits"], m.values["gate_up"], m.values["down"]]
         return [graph.op("moe_dispatch", inputs, name=f"{block}.dispatch", top_k=top_k, impl=impl,
-                         gather_max_tokens=self.gather_max_tokens)]
+                         gather_max_tokens=self.gather_max_tokens,
+                         **({"ort_parts": self.ort_parts} if impl == "ort" and self.ort_parts > 1 else {}))]

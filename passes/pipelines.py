@@ -55,9 +55,10 @@ class Pipeline:
 
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline("none", "the straight lowering, for debugging", ()),
-    Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op, attention over in-place per-row KV "
+    Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op (experts in 4 parts, so that its "
+             "threads share a decode token's expert), attention over in-place per-row KV "
              "caches (GroupQueryAttention; chunked layers hold one chunk), RotaryEmbedding",
-             (("constant-fold", {}), ("moe-dispatch", {"impl": "ort"}), ("chunked-attention", {}),
+             (("constant-fold", {}), ("moe-dispatch", {"impl": "ort", "ort_parts": 4}), ("chunked-attention", {}),
               ("global-attention-blocks", {}), ("rotary-embedding", {}), ("cse", {}), ("dce", {})),
              kv_layout="in-place"),
     Pipeline("trt", "standard ONNX ops only (what TensorRT parses): grouped MoE dispatch, chunked layers blockwise",

@@ -88,6 +88,7 @@ class _Routing:
         self.offset = attrs.get("expert_offset", 0)
         self.router_n = types[1].shape[-1]
         self.gather_max_tokens = attrs.get("gather_max_tokens", 8)
+        self.ort_parts = ort_parts(self.inner, attrs.get("ort_parts", 1))
         self.tokens = b.node("Reshape", [x, b.int64s(-1, self.hidden)])
         self.logits = b.node("Reshape", [logits, b.int64s(-1, self.router_n)])
         selecting = self.logits if self.dtype == "float32" else b.node("Cast", [self.logits], to=1)
@@ -178,17 +179,38 @@ def _auto(b: OnnxBuilder, r: _Routing) -> str:
 
 def _ort_moe(b: OnnxBuilder, r: _Routing) -> str:
     e, h, f = r.experts_n, r.hidden, r.inner
+    s = r.ort_parts
     routed_in = b.node("Mul", [r.tokens, r.scores])                                       # top-1: [N, H] * [N, 1]
-    one_hot = b.node("ScatterElements", [_filled(b, r.logits, r.dtype, 0), r.experts,
-                                         _filled(b, r.experts, r.dtype, 1)], axis=-1)
-    # The op wants fc1 [E, 2F, H] with gate and up interleaved per row, fc2 [E, H, F]; onnxruntime
-    # folds these transposes of the weights once, when the session is created.
-    fc1 = b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [r.gate_up, b.int64s(e, h, 2, f)])],
-                                    perm=[0, 3, 2, 1]), b.int64s(e, 2 * f, h)])
-    fc2 = b.node("Transpose", [r.down], perm=[0, 2, 1])
-    return b.node("MoE", [routed_in, one_hot, fc1, "", fc2], domain="com.microsoft", k=1,
-                  activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1,
-                  activation_alpha=1.0, activation_beta=0.0)
+    # onnxruntime's CPU MoE runs each expert on one thread (its threads split the experts), so a
+    # decode step, one token on one expert, would use one core. Each expert is split into `s` parts
+    # along its inner axis (part p of expert e is op expert p*E + e; a SwiGLU MLP is the sum of its
+    # parts), all `s` parts are routed (k = s), and the op's threads share the token's work. Router
+    # values: 0 at the chosen expert's parts, -inf elsewhere; unnormalised, each part's weight is
+    # softmax = 1/s exactly (s is a power of two), and the sum is scaled back by s, exactly.
+    rows = b.node("Slice", [b.node("Shape", [r.tokens]), b.int64s(0), b.int64s(1)])
+    neg_inf = onnx.helper.make_tensor("value", ONNX_DTYPES[r.dtype], [1], [float("-inf")])
+    router = b.node("ConstantOfShape", [b.node("Concat", [rows, b.int64s(s * e)], axis=0)], value=neg_inf)
+    parts = b.node("Add", [r.experts, b.const([p * e for p in range(s)], "int64")])      # [N, s]
+    router = b.node("ScatterElements", [router, parts, _filled(b, parts, r.dtype, 0)], axis=-1)
+    # The op wants fc1 [E', 2F', H] with gate and up interleaved per row, fc2 [E', H, F'] (E' = s*E
+    # parts of F' = F/s); onnxruntime folds these reshapes and transposes of the weights once, when
+    # the session is created.
+    fc1 = b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [r.gate_up, b.int64s(e, h, 2, s, f // s)])],
+                                    perm=[3, 0, 4, 2, 1]), b.int64s(s * e, 2 * f // s, h)])
+    fc2 = b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [r.down, b.int64s(e, s, f // s, h)])],
+                                    perm=[1, 0, 3, 2]), b.int64s(s * e, h, f // s)])
+    out = b.node("MoE", [routed_in, router, fc1, "", fc2], domain="com.microsoft", k=s,
+                 activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=0,
+                 activation_alpha=1.0, activation_beta=0.0)
+    return out if s == 1 else b.node("Mul", [out, b.const(float(s), r.dtype)])
+
+
+def ort_parts(inner: int, parts: int) -> int:
+    """The largest power of two <= parts that divides the expert inner size."""
+    s = 1
+    while s * 2 <= parts and inner % (s * 2) == 0:
+        s *= 2
+    return s
 
 
 def _filled(b: OnnxBuilder, like: str, dtype: str, value: float) -> str:

@@ -98,7 +98,8 @@ def test_named_pipelines_and_defaults():
     (lambda: pipeline("trt", disable=["moe-dispach"]), r"unknown pass to disable 'moe-dispach' \(did you mean "
                                                          r"'moe-dispatch'\?\)"),
     (lambda: make_pass("moe-dispatch", {"imp": "gather"}), r"pass moe-dispatch has no option 'imp' \(did you mean "
-                                                           r"'impl'\?\); options: impl, gather_max_tokens"),
+                                                           r"'impl'\?\); options: impl, gather_max_tokens, "
+                                                           r"ort_parts"),
     (lambda: make_pass("moe-dispatch", {"impl": "magic"}), r"impl 'magic' is not one of gather, grouped, auto, ort"),
     (lambda: make_pass("constant-fold", {"max_bytes": "big"}), r"option max_bytes must be int, got 'big'"),
     (lambda: load_pipeline("missing.yaml"), r"pipeline file missing.yaml does not exist"),
@@ -114,7 +115,7 @@ def test_pipeline_file(tmp_path):
     declared = load_pipeline(str(path))
     assert declared.name == "my-pipeline"
     assert [str(p) for p in declared.instantiate()] == \
-        ["moe-dispatch(impl='gather', gather_max_tokens=8)", "chunked-attention", "dce"]
+        ["moe-dispatch(impl='gather', gather_max_tokens=8, ort_parts=1)", "chunked-attention", "dce"]
 
 
 @pytest.mark.parametrize("text, message", [

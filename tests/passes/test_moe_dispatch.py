@@ -11,7 +11,7 @@ from l4compile.passes import PassManager
 from l4compile.passes.moe_dispatch import MoEDispatch
 from tests.passes.conftest import run_onnx, run_torch
 
-H, E, F = 8, 4, 6
+H, E, F = 8, 4, 8
 
 
 def moe_block(top_k: int = 1) -> tuple:
@@ -87,3 +87,27 @@ def test_blocks_without_llama4_routing_are_left_alone():
     g.set_outputs([g.op("moe_experts", [x, logits, gate_up, down], name="ff.experts")])
     result = MoEDispatch().run(g)
     assert not result.changed and result.stats == {"blocks": 0}
+
+
+@pytest.mark.parametrize("parts", [1, 2, 4, 8])
+@pytest.mark.parametrize("tokens", [(1, 1), (3, 7)])   # decode (one token on one expert), a prefill
+def test_ort_parts_split_each_expert_and_keep_the_outputs(parts, tokens):
+    from l4compile.emit.onnx_emitter import emit_onnx
+    x = np.random.default_rng(sum(tokens)).standard_normal(tokens + (H,)).astype(np.float32)
+    g = before()
+    want = run_onnx(g, {"x": x})[0]
+    MoEDispatch(impl="ort", ort_parts=parts).run(g)
+    [moe] = [n for n in emit_onnx(g, None, None).model.graph.node if n.op_type == "MoE"]
+    assert {a.name: a.i for a in moe.attribute}["k"] == parts   # every part of the chosen expert is routed
+    np.testing.assert_allclose(run_onnx(g, {"x": x})[0], want, atol=1e-5, rtol=0)
+
+
+def test_ort_parts_are_a_power_of_two_dividing_the_inner_size():
+    from l4compile.ir.ops_moe_dispatch import ort_parts
+    assert [ort_parts(8192, p) for p in (1, 2, 3, 4, 8)] == [1, 2, 2, 4, 8]
+    assert ort_parts(6, 4) == 2 and ort_parts(7, 4) == 1 and ort_parts(384, 8) == 8
+
+
+def test_ort_parts_must_be_a_positive_integer():
+    with pytest.raises(PassError, match="ort_parts must be a positive integer, got 0"):
+        MoEDispatch(impl="ort", ort_parts=0)
