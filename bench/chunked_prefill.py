@@ -12,7 +12,7 @@ left out:
       masked, chunked
 
 What is measured, per (model, variant, length), each in a fresh subprocess so that nothing carries
-over: wall time of one prefill (batch 1, `Engine._step` with logits for the last position only, as
+over: wall time of one prefill (batch 1, `Engine.step` with logits for the last position only, as
 generation does), the best of `--repeats` runs; and the process's peak resident memory (ru_maxrss,
 which is what onnxruntime's arena really takes, unlike tracemalloc), with the resident memory right
 after the model was loaded, so the prefill's own peak is the difference.
@@ -59,15 +59,14 @@ def rss_now() -> int:
 def child(build_dir: str, seq: int, threads: int, repeats: int) -> None:
     """One measurement: load, prefill `seq` tokens `repeats` times, print JSON."""
     from l4compile.runtime import Engine
-    from l4compile.runtime.kv_cache import KVCache
     engine = Engine.load(build_dir, threads=threads)
     loaded = rss_now()
     ids = np.random.default_rng(0).integers(0, engine.vocab_size, (1, seq), dtype=np.int64)
     times = []
     for _ in range(repeats):
-        cache = KVCache(engine.manifest, 1, seq)
+        cache = engine.new_cache(1, seq)
         start = time.perf_counter()
-        engine._step(ids, cache, logits_start=seq - 1)
+        engine.step(ids, cache, logits_start=seq - 1)
         times.append(time.perf_counter() - start)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     print(json.dumps({"seconds": min(times), "peak": peak, "loaded": loaded}))

@@ -42,15 +42,14 @@ def fill_cache(cache, length: int) -> None:
 
 
 def profile(build: Path, context: int, steps: int, threads: int) -> dict:
-    from l4compile.runtime.kv_cache import KVCache
     with tempfile.TemporaryDirectory() as tmp:
         engine, session = profiled_engine(build, threads, os.path.join(tmp, "profile"))
-        cache = KVCache(engine.manifest, 1, context + steps + 2)
+        cache = engine.new_cache(1, context + steps + 2)
         fill_cache(cache, context)
         token = np.array([[5]], dtype=np.int64)
-        engine._step(token, cache, logits_start=0)   # warm-up run, left out below
+        engine.step(token, cache, logits_start=0)   # warm-up run, left out below
         for _ in range(steps):
-            engine._step(token, cache, logits_start=0)
+            engine.step(token, cache, logits_start=0)
         events = json.loads(Path(session.end_profiling()).read_text())
     runs = [e for e in events if e.get("name") == "model_run"]
     first_end = runs[0]["ts"] + runs[0]["dur"]

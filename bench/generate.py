@@ -64,16 +64,15 @@ class Ours:
 
     def __init__(self, build_dir: Path, threads: int) -> None:
         from l4compile.runtime import Engine
-        from l4compile.runtime.kv_cache import KVCache
-        self.engine, self.cache_type = Engine.load(build_dir, threads=threads), KVCache
+        self.engine = Engine.load(build_dir, threads=threads)
 
     def prefill(self, ids: np.ndarray):
-        cache = self.cache_type(self.engine.manifest, ids.shape[0], ids.shape[1] + NEW)
-        logits = self.engine._step(ids, cache, logits_start=ids.shape[1] - 1)
+        cache = self.engine.new_cache(ids.shape[0], ids.shape[1] + NEW)
+        logits = self.engine.step(ids, cache, logits_start=ids.shape[1] - 1)
         return logits[:, -1], cache
 
     def decode(self, token: np.ndarray, cache):
-        return self.engine._step(token[:, None], cache, logits_start=0)[:, -1], cache
+        return self.engine.step(token[:, None], cache, logits_start=0)[:, -1], cache
 
     def kv_bytes(self, cache) -> int:
         return cache.nbytes

@@ -52,15 +52,14 @@ passes: [constant-fold, {moe-dispatch: {impl: ort}}, chunked-attention, global-a
 class Ours:
     def __init__(self, build_dir: Path, threads: int, name: str) -> None:
         from l4compile.runtime import Engine
-        from l4compile.runtime.kv_cache import KVCache
-        self.engine, self.cache_type, self.name = Engine.load(build_dir, threads=threads), KVCache, name
+        self.engine, self.name = Engine.load(build_dir, threads=threads), name
 
     def prefill(self, ids: np.ndarray, new: int):
-        cache = self.cache_type(self.engine.manifest, ids.shape[0], ids.shape[1] + new)
-        return self.engine._step(ids, cache, logits_start=ids.shape[1] - 1)[:, -1], cache
+        cache = self.engine.new_cache(ids.shape[0], ids.shape[1] + new)
+        return self.engine.step(ids, cache, logits_start=ids.shape[1] - 1)[:, -1], cache
 
     def decode(self, token: np.ndarray, cache):
-        return self.engine._step(token[:, None], cache, logits_start=0)[:, -1], cache
+        return self.engine.step(token[:, None], cache, logits_start=0)[:, -1], cache
 
 
 class LlamaCppEngine:

@@ -48,17 +48,16 @@ def build_variant(spec, impl: str | None, out: Path) -> None:
 def measure(build_dir: Path, prompt: np.ndarray, tokens: int, threads: int) -> tuple[float, float, np.ndarray]:
     """(prefill seconds, median decode ms per token, prefill logits) of one variant."""
     from l4compile.runtime import Engine
-    from l4compile.runtime.kv_cache import KVCache
     engine = Engine.load(build_dir, threads=threads)
-    cache = KVCache(engine.manifest, 1, prompt.shape[1] + tokens + 3)
+    cache = engine.new_cache(1, prompt.shape[1] + tokens + 3)
     start = time.perf_counter()
-    logits = engine._step(prompt, cache, logits_start=0)
+    logits = engine.step(prompt, cache, logits_start=0)
     prefill = time.perf_counter() - start
     token = logits[:, -1:].argmax(-1)
     times = []
     for i in range(tokens + 3):
         start = time.perf_counter()
-        token = engine._step(token, cache, logits_start=0).argmax(-1)
+        token = engine.step(token, cache, logits_start=0).argmax(-1)
         if i >= 3:  # warm-up steps are not counted
             times.append(time.perf_counter() - start)
     return prefill, 1e3 * statistics.median(times), logits

@@ -100,7 +100,6 @@ def worker(job: dict) -> dict:
 
 
 def ours_job(engine, job: dict) -> dict:
-    from l4compile.runtime.kv_cache import KVCache
     ids = np.asarray(job["ids"], dtype=np.int64)[None]
     if job["task"] == "greedy":
         out = engine.generate(ids, CHECK_TOKENS)
@@ -113,14 +112,14 @@ def ours_job(engine, job: dict) -> dict:
     def decode(cache, token: int) -> float:
         start = time.perf_counter()
         for _ in range(new):
-            token = int(engine._step(np.array([[token]]), cache, logits_start=0)[0, -1].argmax())
+            token = int(engine.step(np.array([[token]]), cache, logits_start=0)[0, -1].argmax())
         return new / (time.perf_counter() - start)
 
-    engine._step(ids[:, :16], KVCache(engine.manifest, 1, 32), logits_start=15)      # warm-up
-    rate = decode(KVCache(engine.manifest, 1, new + 2), 5)
-    cache = KVCache(engine.manifest, 1, prompt + new + 2)
+    engine.step(ids[:, :16], engine.new_cache(1, 32), logits_start=15)      # warm-up
+    rate = decode(engine.new_cache(1, new + 2), 5)
+    cache = engine.new_cache(1, prompt + new + 2)
     start = time.perf_counter()
-    logits = engine._step(ids[:, :prompt], cache, logits_start=prompt - 1)
+    logits = engine.step(ids[:, :prompt], cache, logits_start=prompt - 1)
     prefill = prompt / (time.perf_counter() - start)
     after = decode(cache, int(logits[0, -1].argmax()))
     return {"prefill": prefill, "decode": rate, "decode_after": after}

@@ -170,13 +170,33 @@ class Engine(TextGeneration):
         features = self._image_features(ids, pixel_values, image_features)
         if self._kv is None:
             return self.backend.forward(ids) if features is None else self.backend.forward(ids, features)
-        cache = KVCache(self.manifest, ids.shape[0], ids.shape[1])
-        return self._step(ids, cache, logits_start=0, image_features=features)
+        cache = self.new_cache(ids.shape[0], ids.shape[1])
+        return self.step(ids, cache, logits_start=0, image_features=features)
 
-    def _step(self, ids: np.ndarray, cache: KVCache, logits_start: int,
-              image_features: np.ndarray | None = None) -> np.ndarray:
-        """Run `ids` after the cached positions; new keys/values go into the cache. A vision build's steps
-        always feed image features (empty when the step has no image)."""
+    # ---- one step at a time (what a scheduler drives: `generate` is built on these) ----------------
+    def new_cache(self, batch: int, max_length: int) -> KVCache:
+        """An empty KV cache for `step`: `batch` rows of at most `max_length` positions, in this build's layout.
+
+        Preallocated here, once; RuntimeInputError (before allocating) when it would not fit in the memory
+        available, BuildDirError for a build without a KV cache. An in-place cache (onnx-cpu builds) keeps a
+        position per row (`cache.lengths`), and `cache.row(b)` / `cache.rows(start, stop)` are caches sharing its
+        memory, so rows can be prefilled alone and decoded together; `cache.pieces(n)` says how a step of n
+        tokens will be split.
+        """
+        if self._kv is None:
+            raise BuildDirError(f"{self.directory}: this build has no KV cache; rebuild it to generate")
+        return KVCache(self.manifest, options.integer("batch", batch, 1), options.integer("max_length", max_length, 1))
+
+    def step(self, ids: np.ndarray, cache: KVCache, logits_start: int = 0,
+             image_features: np.ndarray | None = None) -> np.ndarray:
+        """Run ids int64 [batch, n] after the positions `cache` holds (from `new_cache`); their keys and values go
+        into the cache, which advances by n. Returns float32 logits [batch, n - logits_start, vocab] of the new
+        positions from `logits_start` on (n - 1: the last one only; n: none, for a prefill piece).
+
+        The ids are not checked here (`check_ids` does that), nor is the room left in a sequence-major cache; an
+        in-place cache refuses a step past its `max_length` (RuntimeInputError). A vision build's image features ([image tokens in ids, hidden], from `encode_images`)
+        are fused at the image tokens of this step; a step without images may leave them out.
+        """
         if self.vision is None:
             return self.backend.step(ids, cache, logits_start)
         features = self.vision.empty() if image_features is None else image_features
@@ -236,10 +256,10 @@ class Engine(TextGeneration):
             outs = [self.generate(row[None], max_new_tokens, sampling.temperature, sampling.top_k, sampling.top_p,
                                   seed, stop_tokens)[0] for row in rows]
             return [self._until_stop(out, len(row), stop_tokens) for out, row in zip(outs, rows)]
-        cache = KVCache(self.manifest, len(rows), max(len(row) for row in rows) + max_new_tokens)
+        cache = self.new_cache(len(rows), max(len(row) for row in rows) + max_new_tokens)
 
         def prefill() -> np.ndarray:
-            return np.concatenate([self._step(row[None], cache.row(b), logits_start=len(row) - 1)[:, -1]
+            return np.concatenate([self.step(row[None], cache.row(b), logits_start=len(row) - 1)[:, -1]
                                    for b, row in enumerate(rows)], axis=0)
 
         rngs = [np.random.default_rng(seed) for _ in rows]
@@ -270,10 +290,10 @@ class Engine(TextGeneration):
     def _decode(self, ids: np.ndarray, max_new_tokens: int, sampling: Sampling, seed: int | None,
                 stop_tokens: tuple[int, ...] | None, image_features: np.ndarray | None = None) -> Iterator[np.ndarray]:
         self._check_generation(max_new_tokens)
-        cache = KVCache(self.manifest, ids.shape[0], ids.shape[1] + max_new_tokens)
+        cache = self.new_cache(ids.shape[0], ids.shape[1] + max_new_tokens)
 
         def prefill() -> np.ndarray:   # image features are fused at the prefill; decode steps embed text
-            return self._step(ids, cache, logits_start=ids.shape[1] - 1, image_features=image_features)[:, -1]
+            return self.step(ids, cache, logits_start=ids.shape[1] - 1, image_features=image_features)[:, -1]
 
         yield from self._decode_steps(cache, prefill, max_new_tokens, sampling, np.random.default_rng(seed),
                                       stop_tokens)
@@ -286,7 +306,7 @@ class Engine(TextGeneration):
         done = np.zeros(cache.batch, dtype=bool)
         last = np.zeros(cache.batch, dtype=np.int64)
         for step in range(max_new_tokens):
-            logits = prefill() if step == 0 else self._step(last[:, None], cache, logits_start=0)[:, -1]
+            logits = prefill() if step == 0 else self.step(last[:, None], cache, logits_start=0)[:, -1]
             if isinstance(rng, list):
                 chosen = np.concatenate([sampling.choose(logits[b:b + 1], r) for b, r in enumerate(rng)])
             else:

@@ -26,7 +26,6 @@ from typing import Callable
 
 import numpy as np
 
-from l4compile.runtime.kv_cache import KVCache
 from l4compile.runtime.sampling import Sampling
 from l4compile.serve.metrics import Metrics
 from l4compile.serve.text_output import TextOutput
@@ -115,7 +114,7 @@ class Scheduler:
         self.metrics = metrics or Metrics()
         self.metrics.batch_rows = self.batch_rows
         self.tokenizer = engine.tokenizer
-        self.cache = KVCache(engine.manifest, self.batch_rows, self.context)
+        self.cache = engine.new_cache(self.batch_rows, self.context)
         self._queue: collections.deque[Request] = collections.deque()
         self._rows: list[Row] = []
         self._lock = threading.Condition()
@@ -230,7 +229,7 @@ class Scheduler:
                                   np.random.default_rng(request.seed)))
         self._update_gauges()
 
-    def _row_cache(self, row: Row) -> KVCache:
+    def _row_cache(self, row: Row):
         return self.cache.row(row.index) if self.in_place else self.cache
 
     def _prefill_piece(self) -> None:
@@ -247,9 +246,9 @@ class Scheduler:
             size = remaining
         last = row.prefilled + size == len(ids)
         try:
-            logits = self.engine._step(ids[None, row.prefilled:row.prefilled + size], cache,
-                                       logits_start=size - 1 if last else size,
-                                       image_features=self._piece_features(row, size))
+            logits = self.engine.step(ids[None, row.prefilled:row.prefilled + size], cache,
+                                      logits_start=size - 1 if last else size,
+                                      image_features=self._piece_features(row, size))
         except Exception as exc:   # this request's failure is its own
             self._fail(row.request, _internal(exc), row)
             return
@@ -282,13 +281,13 @@ class Scheduler:
         for row in rows:
             tokens[row.index, 0] = row.last
         try:
-            logits = self.engine._step(tokens, view, logits_start=0)[:, -1]
+            logits = self.engine.step(tokens, view, logits_start=0)[:, -1]
         except Exception:   # find the row at fault: step each alone
             view.lengths[:] = before
             for row in rows:
                 try:
-                    self._advance([row], self.engine._step(tokens[row.index:row.index + 1], self._row_cache(row),
-                                                           logits_start=0)[:, -1])
+                    self._advance([row], self.engine.step(tokens[row.index:row.index + 1], self._row_cache(row),
+                                                          logits_start=0)[:, -1])
                 except Exception as exc:
                     self._fail(row.request, _internal(exc), row)
             return

@@ -11,7 +11,6 @@ from l4compile.emit.torch_module import GraphModule
 from l4compile.lower import lower
 from l4compile.passes.pipelines import run_pipeline
 from l4compile.runtime import Engine
-from l4compile.runtime.kv_cache import KVCache
 from l4compile.weights import RandomWeights
 from tests.conftest import TINY_SPECS, load, token_ids
 
@@ -55,9 +54,9 @@ def test_kv_decoding_equals_the_straight_lowering(name, pipeline, prefill, step,
     ids = token_ids(2, 30, seed=prefill + step)
 
     def steps(engine):
-        cache = KVCache(engine.manifest, batch=2, max_length=30)
-        out = [engine._step(ids[:, :prefill], cache, logits_start=0)]
-        out += [engine._step(ids[:, s:s + step], cache, logits_start=0) for s in range(prefill, 30, step)]
+        cache = engine.new_cache(batch=2, max_length=30)
+        out = [engine.step(ids[:, :prefill], cache, logits_start=0)]
+        out += [engine.step(ids[:, s:s + step], cache, logits_start=0) for s in range(prefill, 30, step)]
         return np.concatenate(out, axis=1)
     np.testing.assert_allclose(steps(engines[name, pipeline]), steps(engines[name, "none"]), atol=ATOL, rtol=0)
 
@@ -114,9 +113,9 @@ def test_float16_builds_equal_the_float32_reference(name, pipeline, built, tmp_p
     ids = token_ids(2, 21, seed=2)
 
     def steps(engine):
-        cache = KVCache(engine.manifest, batch=2, max_length=21)
-        out = [engine._step(ids[:, :5], cache, logits_start=0)]
-        out += [engine._step(ids[:, s:s + 1], cache, logits_start=0) for s in range(5, 21)]
+        cache = engine.new_cache(batch=2, max_length=21)
+        out = [engine.step(ids[:, :5], cache, logits_start=0)]
+        out += [engine.step(ids[:, s:s + 1], cache, logits_start=0) for s in range(5, 21)]
         return np.concatenate(out, axis=1)
     build(load(name), tmp_path / "fp16", RandomWeights(0), BuildOptions(pipeline=pipeline, dtype="float16"),
           log=lambda _: None)

@@ -23,7 +23,6 @@ from l4compile.passes.quantize import QuantizeINT4, QuantizeINT8, quantization_p
 from l4compile.quant.calibrate import reference_inputs
 from l4compile.quant.report import logits_agreement
 from l4compile.runtime import Engine
-from l4compile.runtime.kv_cache import KVCache
 from l4compile.weights import RandomWeights
 from tests.conftest import load, token_ids
 
@@ -137,9 +136,9 @@ def test_int8_in_place_cache_decode_equals_the_full_forward_and_greedy_tokens(bu
     engine = Engine.load(builds / "int8")
     assert engine.manifest.kv_cache["in_place"]
     ids = token_ids(1, 33, seed=5)
-    cache = KVCache(engine.manifest, batch=1, max_length=33)
-    got = [engine._step(ids[:, :21], cache, logits_start=0)]
-    got += [engine._step(ids[:, p:p + 1], cache, logits_start=0) for p in range(21, 33)]
+    cache = engine.new_cache(batch=1, max_length=33)
+    got = [engine.step(ids[:, :21], cache, logits_start=0)]
+    got += [engine.step(ids[:, p:p + 1], cache, logits_start=0) for p in range(21, 33)]
     np.testing.assert_allclose(np.concatenate(got, axis=1), engine.logits(ids), atol=1e-3, rtol=0)
     prompt = ids[:, :10]
     out = engine.generate(prompt, 6, stop_tokens=())

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 from l4compile.runtime import Engine, RuntimeInputError
-from l4compile.runtime.kv_cache import KVCache
 from l4compile.runtime.sampling import Sampling
 from tests.conftest import TINY_SPECS, token_ids
 
@@ -26,10 +25,10 @@ def test_cached_steps_match_full_forward(name, prefill, step, engines):
     engine = engines[name]
     ids = token_ids(2, 40, seed=prefill * 7 + step)
     full = engine.logits(ids)
-    cache = KVCache(engine.manifest, batch=2, max_length=40)
-    got = [engine._step(ids[:, :prefill], cache, logits_start=0)]
+    cache = engine.new_cache(batch=2, max_length=40)
+    got = [engine.step(ids[:, :prefill], cache, logits_start=0)]
     for start in range(prefill, 40, step):
-        got.append(engine._step(ids[:, start:start + step], cache, logits_start=0))
+        got.append(engine.step(ids[:, start:start + step], cache, logits_start=0))
     np.testing.assert_allclose(np.concatenate(got, axis=1), full, atol=1e-4, rtol=0)
     assert cache.length == 40
 
@@ -45,15 +44,15 @@ def test_cached_steps_with_global_layers_between_chunked_ones(tmp_path):
     build(spec, tmp_path / "m", RandomWeights(0), BuildOptions(), log=lambda _: None)
     engine = Engine.load(tmp_path / "m")
     ids = token_ids(2, 30, seed=8)
-    cache = KVCache(engine.manifest, batch=2, max_length=30)
-    got = [engine._step(ids[:, :13], cache, logits_start=0)]
-    got += [engine._step(ids[:, s:s + 1], cache, logits_start=0) for s in range(13, 30)]
+    cache = engine.new_cache(batch=2, max_length=30)
+    got = [engine.step(ids[:, :13], cache, logits_start=0)]
+    got += [engine.step(ids[:, s:s + 1], cache, logits_start=0) for s in range(13, 30)]
     np.testing.assert_allclose(np.concatenate(got, axis=1), engine.logits(ids), atol=1e-4, rtol=0)
 
 
 def test_chunked_layers_keep_only_their_chunk(engines):
     engine = engines["tiny-scout"]
-    cache = KVCache(engine.manifest, batch=1, max_length=1000)
+    cache = engine.new_cache(batch=1, max_length=1000)
     capacities = [layer.capacity for layer in cache.layers]
     assert capacities == [8, 8, 8, 1000]  # three chunked layers, one global (NoPE) layer
     naive = 4 * 2 * 1000 * 2 * 16 * 4

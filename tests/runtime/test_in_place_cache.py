@@ -10,7 +10,6 @@ import torch
 from l4compile.emit.torch_module import GraphModule
 from l4compile.lower import lower
 from l4compile.runtime import Engine, RuntimeInputError
-from l4compile.runtime.kv_cache import KVCache
 from l4compile.weights import RandomWeights
 from tests.conftest import TINY_SPECS, load, token_ids
 
@@ -35,7 +34,7 @@ def reference():
 def test_onnx_cpu_builds_cache_in_place(engines):
     kv = engines["tiny-scout"].manifest.kv_cache
     assert kv["in_place"] and kv["layout"] == ["batch", "kv_heads", "positions", "head_dim"]
-    cache = KVCache(engines["tiny-scout"].manifest, batch=3, max_length=100)
+    cache = engines["tiny-scout"].new_cache(batch=3, max_length=100)
     assert [layer.keys.shape for layer in cache.layers] == [(3, 2, 8, 16)] * 3 + [(3, 2, 100, 16)]
 
 
@@ -45,9 +44,9 @@ def test_prefill_and_32_decode_steps_cross_many_chunks(name, engines, reference)
     crossed many times): every logit equals the reference's full forward within 1e-4."""
     engine = engines[name]
     ids = token_ids(1, 77, seed=21)
-    cache = KVCache(engine.manifest, batch=1, max_length=77)
-    got = [engine._step(ids[:, :45], cache, logits_start=0)]
-    got += [engine._step(ids[:, p:p + 1], cache, logits_start=0) for p in range(45, 77)]
+    cache = engine.new_cache(batch=1, max_length=77)
+    got = [engine.step(ids[:, :45], cache, logits_start=0)]
+    got += [engine.step(ids[:, p:p + 1], cache, logits_start=0) for p in range(45, 77)]
     np.testing.assert_allclose(np.concatenate(got, axis=1), reference(name, ids), atol=1e-4, rtol=0)
     assert cache.length == 77
 
@@ -59,12 +58,12 @@ def test_rows_at_different_positions_decode_together(name, engines, reference):
     engine = engines[name]
     lengths, steps = (5, 13, 22), 12
     seqs = [token_ids(1, n + steps, seed=n)[0] for n in lengths]
-    cache = KVCache(engine.manifest, batch=3, max_length=max(lengths) + steps)
+    cache = engine.new_cache(batch=3, max_length=max(lengths) + steps)
     for b, (seq, n) in enumerate(zip(seqs, lengths)):
-        prefill = engine._step(seq[None, :n], cache.row(b), logits_start=0)
+        prefill = engine.step(seq[None, :n], cache.row(b), logits_start=0)
         np.testing.assert_allclose(prefill[0], reference(name, seq[None, :n])[0], atol=1e-4, rtol=0)
     assert cache.lengths.tolist() == list(lengths)
-    got = [engine._step(np.array([[seq[n + i]] for seq, n in zip(seqs, lengths)]), cache, logits_start=0)[:, 0]
+    got = [engine.step(np.array([[seq[n + i]] for seq, n in zip(seqs, lengths)]), cache, logits_start=0)[:, 0]
            for i in range(steps)]
     for b, (seq, n) in enumerate(zip(seqs, lengths)):
         want = reference(name, seq[None])[0, n:]
@@ -106,19 +105,26 @@ def test_generate_ragged_on_a_sequence_major_build(tmp_path):
     for prompt, row in zip(prompts, out):
         np.testing.assert_array_equal(row, engine.generate(prompt[None], max_new_tokens=6, stop_tokens=())[0])
     with pytest.raises(RuntimeInputError, match="sequence-major"):
-        KVCache(engine.manifest, 2, 10).row(0)
+        engine.new_cache(2, 10).row(0)
 
 
 def test_cache_beyond_available_memory_fails_in_one_line(engines, monkeypatch):
     from l4compile.runtime import kv_cache
     monkeypatch.setattr(kv_cache, "available_memory", lambda: 1 << 20)
     with pytest.raises(RuntimeInputError, match=r"needs .* GB .* only 0.00 GB of memory is available"):
-        KVCache(engines["tiny-scout"].manifest, batch=1, max_length=4000)
+        engines["tiny-scout"].new_cache(batch=1, max_length=4000)
 
 
 def test_a_step_past_the_cache_is_refused(engines):
     engine = engines["tiny-scout"]
-    cache = KVCache(engine.manifest, batch=1, max_length=10)
-    engine._step(token_ids(1, 10), cache, logits_start=0)
+    cache = engine.new_cache(batch=1, max_length=10)
+    engine.step(token_ids(1, 10), cache, logits_start=0)
     with pytest.raises(RuntimeInputError, match="exceed this cache"):
-        engine._step(token_ids(1, 1), cache, logits_start=0)
+        engine.step(token_ids(1, 1), cache, logits_start=0)
+
+
+def test_new_cache_refuses_an_empty_cache(engines):
+    with pytest.raises(RuntimeInputError, match="batch must be >= 1"):
+        engines["tiny-scout"].new_cache(batch=0, max_length=10)
+    with pytest.raises(RuntimeInputError, match="max_length must be an integer"):
+        engines["tiny-scout"].new_cache(batch=1, max_length=10.5)

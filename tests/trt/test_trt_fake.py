@@ -19,7 +19,6 @@ import pytest
 from l4compile.cli import main
 from l4compile.errors import BuildError
 from l4compile.runtime import Engine, RuntimeInputError
-from l4compile.runtime.kv_cache import KVCache
 from l4compile.trt import builder
 from l4compile.trt.profiles import EngineOptions
 from l4compile.trt.target import engine_command
@@ -163,7 +162,7 @@ def test_tensorrt_backend_refuses_steps_its_profiles_do_not_cover(fake_trt, trt_
     directory = trt_copy("tiny-scout")
     engine_command(directory, EngineOptions(precision="fp32"), log=lambda _: None)
     engine = Engine.load(directory)
-    cache = KVCache(engine.manifest, batch=1, max_length=16)
-    engine._step(token_ids(1, 4), cache, logits_start=0)
+    cache = engine.new_cache(batch=1, max_length=16)
+    engine.step(token_ids(1, 4), cache, logits_start=0)
     with pytest.raises(RuntimeInputError, match="prefill .* and one-token decode steps; got 3 tokens after 4"):
-        engine._step(token_ids(1, 3), cache, logits_start=0)
+        engine.step(token_ids(1, 3), cache, logits_start=0)
