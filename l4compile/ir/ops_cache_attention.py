@@ -18,7 +18,10 @@ semantics for any step.
 
 from __future__ import annotations
 
-from l4compile.ir.op import Op, expect, get_op, register
+import numpy as np
+import onnx
+
+from l4compile.ir.op import ONNX_DTYPES, Op, expect, get_op, register
 from l4compile.ir.types import TensorType
 
 MS_DOMAIN = "com.microsoft"
@@ -78,7 +81,56 @@ class CacheAttention(Op):
         seqlens = b.node("Cast", [b.node("Sub", [b.node("Add", [cached, new]), b.const(1, "int64")])], to=6)
         total = b.node("Add", [b.node("ReduceMax", [seqlens], keepdims=0), b.const(1, "int32")])
         flat = [b.node("Reshape", [x, b.int64s(0, 0, -1)]) for x in (q, k, v)]
-        out, present_k, present_v = b.node("GroupQueryAttention", flat + [cache_k, cache_v, seqlens, total], n_out=3,
-                                           domain=MS_DOMAIN, num_heads=hq, kv_num_heads=hkv,
-                                           scale=float(attrs["scale"]))
-        return [out, present_k, present_v]
+        gqa = dict(domain=MS_DOMAIN, num_heads=hq, kv_num_heads=hkv, scale=float(attrs["scale"]))
+        if tq.dtype != "float32":
+            return b.node("GroupQueryAttention", flat + [cache_k, cache_v, seqlens, total], n_out=3, **gqa)
+        # A decode step (one new token per row) over a long history: onnxruntime's GroupQueryAttention
+        # reads a KV head's cached keys and values once per query head it serves (Hq/Hkv times per
+        # step), so past a point it is cheaper to read the whole buffer once per KV head with matmuls
+        # (`_decode_by_matmuls`). Both branches write the new position into the same buffers in place.
+        with b.capture() as by_gqa:
+            gqa_outs = b.node("GroupQueryAttention", flat + [cache_k, cache_v, seqlens, total], n_out=3, **gqa)
+        with b.capture() as by_matmuls:
+            mm_outs = _decode_by_matmuls(b, q, k, v, cache_k, cache_v, cached, hq, hkv, tq.shape[3], float(attrs["scale"]))
+        capacity = b.node("Gather", [b.node("Shape", [cache_k]), b.const(2, "int64")], axis=0)
+        longest = b.node("Add", [b.node("ReduceMax", [cached], keepdims=0), b.const(1, "int64")])
+        worth = b.node("LessOrEqual", [b.node("Mul", [capacity, b.const(MATMUL_READ_COST, "int64")]),
+                                       b.node("Mul", [longest, b.const(hq // hkv, "int64")])])
+        cond = b.node("And", [b.node("Equal", [new, b.const(1, "int64")]), worth])
+        elem = ONNX_DTYPES[tq.dtype]
+        branches = [onnx.helper.make_graph(nodes, b.fresh(name), [],
+                                           [onnx.helper.make_tensor_value_info(o, elem, None) for o in outs])
+                    for nodes, outs, name in ((by_matmuls, mm_outs, "decode_by_matmuls"), (by_gqa, gqa_outs, "gqa"))]
+        return b.node("If", [cond], n_out=3, then_branch=branches[0], else_branch=branches[1])
+
+
+# Reading the buffer with matmuls costs about this many times more per position than
+# GroupQueryAttention's per-head reads (measured on CPU: MLAS's small-M kernels are slower per byte);
+# the matmuls run when capacity * MATMUL_READ_COST <= (longest row + 1) * query heads per KV head.
+MATMUL_READ_COST = 2
+
+
+def _decode_by_matmuls(b, q: str, k: str, v: str, cache_k: str, cache_v: str, cached: str, hq: int, hkv: int, d: int,
+                       scale: float) -> list[str]:
+    """One new token per row: write its key and value at each row's position `cached` [B] (ScatterND into
+    the buffer, in place), then softmax(q k^T * scale) v over the positions <= cached, each KV head's
+    buffer read once for all its query heads: q [B, 1, Hq, D] -> [B, Hkv, G, D] against [B, Hkv, C, D]."""
+    shape = b.node("Shape", [cache_k])
+    rows = b.node("Slice", [shape, b.int64s(0), b.int64s(1)])
+    grid = b.node("Concat", [rows, b.int64s(hkv)], axis=0)                                 # [B, Hkv]
+    row_index = b.node("Range", [b.const(0, "int64"), b.node("Squeeze", [rows, b.int64s(0)]), b.const(1, "int64")])
+    columns = [b.node("Expand", [b.node("Unsqueeze", [row_index, b.int64s(1)]), grid]),
+               b.node("Expand", [b.const(np.arange(hkv), "int64"), grid]),
+               b.node("Expand", [b.node("Unsqueeze", [cached, b.int64s(1)]), grid])]
+    where = b.node("Concat", [b.node("Unsqueeze", [c, b.int64s(-1)]) for c in columns], axis=-1)   # [B, Hkv, 3]
+    present_k = b.node("ScatterND", [cache_k, where, b.node("Reshape", [k, b.int64s(0, hkv, d)])])
+    present_v = b.node("ScatterND", [cache_v, where, b.node("Reshape", [v, b.int64s(0, hkv, d)])])
+    queries = b.node("Reshape", [q, b.int64s(0, hkv, hq // hkv, d)])
+    scores = b.node("FusedMatMul", [queries, present_k], domain=MS_DOMAIN, transB=1, alpha=scale)   # [B, Hkv, G, C]
+    positions = b.node("Range", [b.const(0, "int64"), b.node("Gather", [shape, b.const(2, "int64")], axis=0),
+                                 b.const(1, "int64")])
+    later = b.node("Greater", [b.node("Unsqueeze", [positions, b.int64s(0)]), b.node("Unsqueeze", [cached, b.int64s(1)])])
+    bias = b.node("Where", [later, b.scalar(float("-inf")), b.scalar(0.0)])                # [B, C]
+    probs = b.node("Softmax", [b.node("Add", [scores, b.node("Unsqueeze", [bias, b.int64s(1, 2)])])], axis=-1)
+    out = b.node("Reshape", [b.node("MatMul", [probs, present_v]), b.int64s(0, 1, hq * d)])
+    return [out, present_k, present_v]

@@ -128,3 +128,59 @@ def test_new_cache_refuses_an_empty_cache(engines):
         engines["tiny-scout"].new_cache(batch=0, max_length=10)
     with pytest.raises(RuntimeInputError, match="max_length must be an integer"):
         engines["tiny-scout"].new_cache(batch=1, max_length=10.5)
+
+
+def _decode_branch_taken(manifest, capacity: int, cached: int, chunk: int = 0) -> bool:
+    """What the graph's If decides for one new token (ops_cache_attention: matmuls when capacity *
+    MATMUL_READ_COST <= (cached + 1) * query heads per KV head)."""
+    from l4compile.ir.ops_cache_attention import MATMUL_READ_COST
+    layer = manifest.layers[0]
+    group = (layer.num_heads or layer.num_kv_heads) // layer.num_kv_heads
+    return capacity * MATMUL_READ_COST <= ((cached % chunk if chunk else cached) + 1) * group
+
+
+@pytest.mark.parametrize("rows", [1, 3])
+def test_decode_by_matmuls_and_by_group_query_attention_both_equal_the_reference(rows, engines, reference):
+    """tiny-maverick (4 query heads on 1 KV head): with a tight cache the decode steps of the global layer
+    and of the chunked layers past their third position read the buffers with matmuls; with a roomy
+    cache every step runs GroupQueryAttention. Both equal the full forward within 1e-4."""
+    engine = engines["tiny-maverick"]
+    lengths = (30, 37, 24)[:rows]
+    steps = 10
+    seqs = [token_ids(1, n + steps, seed=70 + n)[0] for n in lengths]
+    tight = max(lengths) + steps
+    assert _decode_branch_taken(engine.manifest, tight, min(lengths))          # the global layer, first step
+    assert _decode_branch_taken(engine.manifest, 8, 3) and not _decode_branch_taken(engine.manifest, 8, 2)
+    assert not _decode_branch_taken(engine.manifest, 4 * tight, max(lengths) + steps)
+    caches = []
+    for capacity in (tight, 4 * tight):
+        cache = engine.new_cache(batch=rows, max_length=capacity)
+        caches.append(cache)
+        for b, (seq, n) in enumerate(zip(seqs, lengths)):
+            engine.step(seq[None, :n], cache.row(b), logits_start=0)
+        got = [engine.step(np.array([[seq[n + i]] for seq, n in zip(seqs, lengths)]), cache, logits_start=0)[:, 0]
+               for i in range(steps)]
+        for b, (seq, n) in enumerate(zip(seqs, lengths)):
+            np.testing.assert_allclose(np.stack([g[b] for g in got]), reference("tiny-maverick", seq[None])[0, n:],
+                                       atol=1e-4, rtol=0, err_msg=f"capacity {capacity}, row {b}")
+        assert cache.lengths.tolist() == [n + steps for n in lengths]
+    # ScatterND wrote each new position where GroupQueryAttention writes it
+    for by_matmuls, by_gqa in zip(caches[0].layers, caches[1].layers):
+        for b, n in enumerate(lengths):
+            held = min(by_matmuls.keys.shape[2], n + steps)
+            if by_matmuls.chunk:
+                held = (n + steps) % by_matmuls.chunk or by_matmuls.chunk
+            for got, want in ((by_matmuls.keys, by_gqa.keys), (by_matmuls.values, by_gqa.values)):
+                np.testing.assert_array_equal(got[b, :, :held], want[b, :, :held])
+
+
+def test_float32_builds_choose_between_matmuls_and_group_query_attention(built_tiny):
+    import onnx
+    model = onnx.load(str(built_tiny("tiny-maverick") / "model.onnx"), load_external_data=False)
+    ifs = [n for n in model.graph.node if n.op_type == "If"
+           and any(o.startswith("present_key.") for o in n.output)]
+    assert len(ifs) == 4   # every layer's attention
+    for node in ifs:
+        branches = {a.name: {n.op_type for n in a.g.node} for a in node.attribute}
+        assert {"ScatterND", "FusedMatMul", "Softmax"} <= branches["then_branch"]
+        assert branches["else_branch"] == {"GroupQueryAttention"}
