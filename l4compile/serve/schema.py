@@ -8,12 +8,27 @@ frequency_penalty 0, ...) are accepted.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Callable, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 SEED_MAX = 2**64 - 1
 MAX_STOP_STRINGS = 16
+
+
+# field -> (whether a value asks for what this server does not do, the message refusing it); a field of any
+# request body (ChatRequest: tools; CompletionRequest: echo, suffix, best_of), checked after its type
+UNSUPPORTED: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "n": (lambda v: v != 1, "only n=1 is supported (one choice per request)"),
+    "presence_penalty": (bool, "penalties are not supported (leave it out or 0)"),
+    "frequency_penalty": (bool, "penalties are not supported (leave it out or 0)"),
+    "logprobs": (lambda v: v not in (None, False), "logprobs are not supported"),
+    "logit_bias": (bool, "logit_bias is not supported"),
+    "tools": (bool, "tool calling is not supported"),
+    "echo": (bool, "echo is not supported"),
+    "suffix": (bool, "suffix is not supported"),
+    "best_of": (lambda v: v not in (None, 1), "only best_of=1 is supported"),
+}
 
 
 class StrictModel(BaseModel):
@@ -41,11 +56,12 @@ class GenerationParams(StrictModel):
     logprobs: Any = None
     logit_bias: dict[str, float] | None = None
 
-    @field_validator("n")
+    @field_validator(*UNSUPPORTED, check_fields=False)   # also the subclasses' fields
     @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported (one choice per request)")
+    def _supported(cls, value, info: ValidationInfo):
+        asks_for_more, message = UNSUPPORTED[info.field_name]
+        if asks_for_more(value):
+            raise ValueError(message)
         return value
 
     @field_validator("stop")
@@ -53,27 +69,6 @@ class GenerationParams(StrictModel):
     def _stops(cls, value):
         if isinstance(value, list) and len(value) > MAX_STOP_STRINGS:
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings")
-        return value
-
-    @field_validator("presence_penalty", "frequency_penalty")
-    @classmethod
-    def _no_penalty(cls, value):
-        if value:
-            raise ValueError("penalties are not supported (leave it out or 0)")
-        return value
-
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value):
-        if value not in (None, False):
-            raise ValueError("logprobs are not supported")
-        return value
-
-    @field_validator("logit_bias")
-    @classmethod
-    def _no_logit_bias(cls, value):
-        if value:
-            raise ValueError("logit_bias is not supported")
         return value
 
     def stop_strings(self) -> tuple[str, ...]:
@@ -109,13 +104,6 @@ class ChatRequest(GenerationParams):
     max_completion_tokens: int | None = Field(None, ge=1)
     tools: Any = None
 
-    @field_validator("tools")
-    @classmethod
-    def _no_tools(cls, value):
-        if value:
-            raise ValueError("tool calling is not supported")
-        return value
-
 
 class CompletionRequest(GenerationParams):
     prompt: str | list[int] | list[str]
@@ -130,27 +118,6 @@ class CompletionRequest(GenerationParams):
             raise ValueError("one prompt per request (a string, a list of one string, or token ids)")
         if isinstance(value, list) and not value:
             raise ValueError("the prompt is empty")
-        return value
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, value):
-        if value:
-            raise ValueError("echo is not supported")
-        return value
-
-    @field_validator("suffix")
-    @classmethod
-    def _no_suffix(cls, value):
-        if value:
-            raise ValueError("suffix is not supported")
-        return value
-
-    @field_validator("best_of")
-    @classmethod
-    def _one_best(cls, value):
-        if value not in (None, 1):
-            raise ValueError("only best_of=1 is supported")
         return value
 
 
