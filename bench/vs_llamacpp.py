@@ -22,7 +22,7 @@ F32, then `llama-quantize`d to Q8_0 and Q4_0 (bench/llamacpp.py).
 Last line: `decode ours/llama.cpp: fp32 R1 int8 R2 int4 R3` (decode from an empty cache, the last spec's).
 
     python bench/vs_llamacpp.py [--specs specs/bench-16e-8k.yaml specs/bench-1b5.yaml] [--rounds 3]
-        [--threads 2] [--prompt 512] [--new 128] [--work DIR]
+        [--threads 2] [--prompt 512] [--new 128] [--work DIR] [--tiers fp32 int8 int4]
 
 Checkpoints, builds and GGUF files are kept under --work (default ~/.cache/l4compile-bench/vs) and
 reused by later runs of the same spec; `--rebuild` makes our builds again (after a compiler change).
@@ -53,8 +53,9 @@ ACCURACY_TOKENS = 128
 
 # ---- preparation ---------------------------------------------------------------------------
 
-def prepare(spec_path: Path, work: Path, peer: LlamaCpp, int4_method: str, rebuild: bool = False) -> dict:
-    """The checkpoint, our three builds and the three GGUF files (each made once)."""
+def prepare(spec_path: Path, work: Path, peer: LlamaCpp, int4_method: str, rebuild: bool = False,
+            tiers: tuple[str, ...] = tuple(TIERS)) -> dict:
+    """The checkpoint, our builds and the GGUF files of `tiers` and fp32 (each made once)."""
     sys.path.insert(0, str(ROOT))
     from generate import make_checkpoint
     work.mkdir(parents=True, exist_ok=True)
@@ -64,6 +65,8 @@ def prepare(spec_path: Path, work: Path, peer: LlamaCpp, int4_method: str, rebui
         make_checkpoint(spec_path, hf, strong=True)
     ours = {}
     for tier in TIERS:
+        if tier not in tiers and tier != "fp32":
+            continue
         out = work / f"ours-{tier}"
         if rebuild or not (out / "manifest.json").exists():
             print(f"building ours {tier}", flush=True)
@@ -72,7 +75,7 @@ def prepare(spec_path: Path, work: Path, peer: LlamaCpp, int4_method: str, rebui
                 + (["--int4-method", int4_method] if tier == "int4" else [])
             subprocess.run(cmd, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
         ours[tier] = out
-    gguf = peer.convert(hf, work / "gguf", tuple(TIERS.values()))
+    gguf = peer.convert(hf, work / "gguf", tuple(TIERS[t] for t in TIERS if t in tiers or t == "fp32"))
     return {"hf": hf, "ours": ours, "gguf": gguf}
 
 
@@ -151,6 +154,8 @@ def accuracy(files: dict, args, ids: np.ndarray, tmp: Path) -> dict:
     from l4compile.quant.report import logits_agreement
     logits = {}
     for tier, peer_tier in TIERS.items():
+        if tier not in args.tiers and tier != "fp32":
+            continue
         for engine, path, label in (("ours", files["ours"][tier], tier), ("llamacpp", files["gguf"][peer_tier], peer_tier)):
             out = tmp / f"{label}.npy"
             run_job({"engine": engine, "task": "logits", "path": str(path), "threads": args.threads,
@@ -165,6 +170,8 @@ def speed(files: dict, args) -> dict:
     ids = prompt_ids(args.vocab, args.prompt, 1).tolist()
     for r in range(args.rounds):
         for tier, peer_tier in TIERS.items():
+            if tier not in args.tiers:
+                continue
             order = [("ours", files["ours"][tier], tier), ("llamacpp", files["gguf"][peer_tier], peer_tier)]
             for engine, path, label in (order if r % 2 == 0 else order[::-1]):
                 result = run_job({"engine": engine, "task": "speed", "path": str(path), "threads": args.threads,
@@ -203,6 +210,8 @@ def report(spec, files: dict, acc: dict, runs: dict, bw: float, args) -> dict[st
           f"{'of bound':>10}{'cosine':>9}{'top-1':>7}")
     ratios = {}
     for tier, peer_tier in TIERS.items():
+        if tier not in args.tiers:
+            continue
         for engine, path, label in (("ours", files["ours"][tier], tier), ("llamacpp", files["gguf"][peer_tier], peer_tier)):
             rs = runs[(engine, tier)]
             size = file_bytes(path)
@@ -231,6 +240,9 @@ def main() -> None:
                         help="our int4 codes (default rtn: the same rounding as Q4_0's)")
     parser.add_argument("--work", type=Path, default=cache_dir() / "vs")
     parser.add_argument("--rebuild", action="store_true", help="build ours again even if --work holds builds")
+    parser.add_argument("--tiers", nargs="+", choices=list(TIERS), default=list(TIERS),
+                        help="tiers to compare (default all; fp32 is always built: the same-tokens check and the "
+                             "accuracy reference)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
@@ -245,7 +257,7 @@ def main() -> None:
     for spec_path in args.specs:
         spec = load_spec(spec_path)
         args.vocab = spec.vocab_size
-        files = prepare(spec_path, args.work / spec.name, peer, args.int4_method, args.rebuild)
+        files = prepare(spec_path, args.work / spec.name, peer, args.int4_method, args.rebuild, tuple(args.tiers))
         tokens = check_same_tokens(files, args, prompt_ids(spec.vocab_size, 32, 0))
         print(f"{spec.name}: ours fp32 and llama.cpp F32 continue a 32-token prompt with the same "
               f"{len(tokens)} greedy tokens", flush=True)
@@ -253,7 +265,7 @@ def main() -> None:
             acc = accuracy(files, args, prompt_ids(spec.vocab_size, ACCURACY_TOKENS, 2), Path(tmp))
         runs = speed(files, args)
         ratios = report(spec, files, acc, runs, bw, args)
-    print("decode ours/llama.cpp: " + " ".join(f"{tier} {ratios[tier]:.2f}" for tier in TIERS))
+    print("decode ours/llama.cpp: " + " ".join(f"{tier} {ratios[tier]:.2f}" for tier in TIERS if tier in ratios))
 
 
 if __name__ == "__main__":
