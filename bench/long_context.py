@@ -198,9 +198,12 @@ def main() -> None:
                     print(f"round {r} context {n} {kind}: prefill {result['prefill_s']:.2f} s, "
                           f"decode {result['decode_tok_s']:.1f} tok/s", flush=True)
         del engines
-        memory = {} if args.no_memory else {(kind, n): peak_memory(kind, dirs, args, n, spec.vocab_size)
-                                             for kind in args.engines for n in contexts
-                                             if (kind, n) in runs}
+        memory = {}
+        for kind in [] if args.no_memory else args.engines:
+            for n in contexts:
+                if (kind, n) in runs:
+                    memory[(kind, n)] = peak = peak_memory(kind, dirs, args, n, spec.vocab_size)
+                    print(f"peak memory {kind} at {n}: " + ("-" if peak is None else f"{peak:.0f} MB"), flush=True)
     report(spec, args, contexts, runs, memory)
 
 
