@@ -24,32 +24,16 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _argtype(convert, what: str):
-    """An argparse type from a converter that raises ValueError: a bad value is a usage error (exit 2)."""
-    def parse(text: str):
-        try:
-            return convert(text)
-        except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
-    parse.__name__ = what
-    return parse
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"expected a positive integer, found {text!r}") from None
-    if not 1 <= value <= options.INT64_MAX:
-        raise ValueError(f"expected a positive integer below 2**63, found {text}")
-    return value
-
-
 def _positive_size(text: str) -> int:
-    value = parse_size(text)
-    if value < 1:
-        raise ValueError(f"expected a size of at least 1 byte, found {text!r}")
-    return value
+    return options.size("value", parse_size(text))
+
+
+# The typed options of every command go through runtime/options.py's one adapter (`cli_type`): text that does not
+# parse is "expected <what>, found '<text>'", a value out of range "<name> must be ..., got <value>".
+POSITIVE_INT = cli_type(options.count("value", 1), int, "a positive integer")
+SIZE = cli_type(parse_size, str, "a size")
+DTYPE = cli_type(canonical_dtype, str, "a dtype")
+POSITIVE_SIZE = cli_type(_positive_size, str, "a size")
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -192,6 +176,9 @@ def _id_list(text: str) -> list[int]:
     return ids
 
 
+TOKEN_IDS = cli_type(_id_list, str, "token ids")
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     import time
 
@@ -239,16 +226,16 @@ def make_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("inspect", help="parameter, FLOP and memory accounting of a spec (no weights)")
     p.add_argument("spec")
     p.add_argument("--json", action="store_true", help="machine-readable output")
-    p.add_argument("--context", type=_argtype(_positive_int, "context"),
+    p.add_argument("--context", type=POSITIVE_INT,
                    help="KV-cache and attention numbers at this context length")
-    p.add_argument("--dtype", default="bfloat16", type=_argtype(canonical_dtype, "dtype"),
+    p.add_argument("--dtype", default="bfloat16", type=DTYPE,
                    help="dtype for KV-cache bytes (default bfloat16)")
-    p.add_argument("--budget", type=_argtype(parse_size, "size"),
+    p.add_argument("--budget", type=SIZE,
                    help="memory budget, e.g. 80GB: does it fit, per weight dtype")
-    p.add_argument("--tp", type=_argtype(_positive_int, "count"),
+    p.add_argument("--tp", type=POSITIVE_INT,
                    help="plan a --tp N sharded build: weights and KV cache (at --context, default the engine's "
                         "maximum sequence) per rank, in --dtype")
-    p.add_argument("--gpu-memory", type=_argtype(parse_size, "size"), default=parse_size("141GB"),
+    p.add_argument("--gpu-memory", type=SIZE, default=parse_size("141GB"),
                    help="memory of one GPU for --tp (default 141GB, an H200): does each rank fit")
     p.set_defaults(func=cmd_inspect)
 
@@ -277,16 +264,16 @@ def make_parser() -> argparse.ArgumentParser:
                    "(files, sizes, pipeline, per-pass times and stats, quantization, warnings, phase times)")
     p.add_argument("--dry-run", action="store_true", help="build and check the graph, write nothing, load no weights")
     p.add_argument("--print-ir", action="store_true", help="print the IR after the pipeline")
-    p.add_argument("--tp", type=_argtype(_positive_int, "count"), default=1,
+    p.add_argument("--tp", type=POSITIVE_INT, default=1,
                    help="tensor/expert-parallel ranks (with --target trt): one graph, weights file and engine per "
                         "rank, joined by NCCL collectives (default 1)")
-    p.add_argument("--gpu-memory", type=_argtype(parse_size, "size"), default=parse_size("141GB"),
+    p.add_argument("--gpu-memory", type=SIZE, default=parse_size("141GB"),
                    help="with --tp: memory of one GPU; a rank whose weights and KV cache (at --max-batch x "
                         "--max-seq) exceed it is an error (default 141GB, an H200)")
     p.add_argument("--force", action="store_true",
                    help="replace the output directory even if it is not an l4compile build (its files are deleted)")
     from l4compile.trt.cli import add_engine_args, add_engine_command
-    add_engine_args(p, _argtype(_positive_int, "count"))
+    add_engine_args(p, POSITIVE_INT)
     from l4compile.quant.cli import add_quant_report_command, add_quantize_args
     add_quantize_args(p)
     p.set_defaults(func=cmd_build)
@@ -299,11 +286,11 @@ def make_parser() -> argparse.ArgumentParser:
     p.add_argument("build", help="build directory")
     from l4compile.text_cli import add_chat_command, add_sampling_args, add_text_run_args
     prompt = p.add_mutually_exclusive_group(required=True)
-    prompt.add_argument("--prompt-ids", type=_argtype(_id_list, "ids"), help="e.g. 1,2,3; prints prompt and new ids")
+    prompt.add_argument("--prompt-ids", type=TOKEN_IDS, help="e.g. 1,2,3; prints prompt and new ids")
     add_text_run_args(p, prompt)
     p.add_argument("--max-new-tokens", type=cli_type(options.max_new_tokens, int, "a count"), help="default 32 for ids; for text the generation config's, else 256")
     add_sampling_args(p)
-    p.add_argument("--stop-ids", type=_argtype(_id_list, "ids"),
+    p.add_argument("--stop-ids", type=TOKEN_IDS,
                    help="stop token ids (default: the generation config's, else the spec's eos)")
     p.add_argument("--threads", type=cli_type(options.threads, int, "a thread count"),
                    help="onnxruntime intra-op threads")
@@ -313,23 +300,23 @@ def make_parser() -> argparse.ArgumentParser:
                    help="an image (repeatable; needs Pillow): it replaces the next <|image|> of the prompt (an id "
                         "of --prompt-ids, or the text <|image|> in --prompt), or, without one, goes first (after "
                         "BOS; with --chat, as image parts before the text of the user message)")
-    p.add_argument("--image-token-ids", type=_argtype(_id_list, "ids"), metavar="START,END,TILE_X,TILE_Y,IMAGE,PATCH",
+    p.add_argument("--image-token-ids", type=TOKEN_IDS, metavar="START,END,TILE_X,TILE_Y,IMAGE,PATCH",
                    help="the image prompt's token ids (default: Llama 4's, where the build's vocabulary is Llama 4's)")
     add_progress_args(p)
     p.set_defaults(func=cmd_run)
 
     add_chat_command(sub)
     from l4compile.serve.command import add_serve_command
-    add_serve_command(sub, _argtype(_positive_int, "count"))
+    add_serve_command(sub, POSITIVE_INT)
     from l4compile.verify import add_verify_command
     add_verify_command(sub)
 
-    add_engine_command(sub, _argtype(_positive_int, "count"))
-    add_quant_report_command(sub, _argtype(_positive_int, "count"))
+    add_engine_command(sub, POSITIVE_INT)
+    add_quant_report_command(sub, POSITIVE_INT)
     from l4compile.hf.commands import add_hf_commands
-    add_hf_commands(sub, _argtype(_positive_size, "size"))
+    add_hf_commands(sub, POSITIVE_SIZE)
     from l4compile.train.cli import add_train_command
-    add_train_command(sub, _argtype(_positive_int, "count"))
+    add_train_command(sub, POSITIVE_INT)
     return parser
 
 

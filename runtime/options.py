@@ -25,7 +25,10 @@ def integer(name: str, value: Any, minimum: int = 0, maximum: int = INT64_MAX) -
         raise RuntimeInputError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
     value = int(value)
     if not minimum <= value <= maximum:
-        bounds = f">= {minimum}" if maximum == INT64_MAX else f">= {minimum} and <= {maximum}"
+        if maximum == INT64_MAX:
+            bounds = f">= {minimum}" if value < minimum else "below 2**63"
+        else:
+            bounds = f">= {minimum} and <= {maximum}"
         raise RuntimeInputError(f"{name} must be {bounds}, got {value}")
     return value
 
@@ -101,9 +104,12 @@ def count(name: str, minimum: int = 0, maximum: int = INT64_MAX):
 
 
 def cli_type(check: Callable[[Any], Any], parse: Callable[[str], Any] = int, what: str = "value"):
-    """An argparse type: parse the string, then apply the same check as the Python API.
+    """An argparse type: parse the string, then apply the same check as the Python API. The one adapter of
+    every command's typed options (l4compile/cli.py and the commands it adds).
 
-    A bad value is a usage error (argparse's exit status 2) with the check's message.
+    Text that `parse` cannot read is "expected {what}, found '{text}'"; a value the check refuses carries the
+    check's own message (a RuntimeInputError, or the ValueError of a check that reads the text itself, with
+    parse=str: a size like 80GB, a dtype, token ids). Either is a usage error (argparse's exit status 2).
     """
     import argparse
 
@@ -114,7 +120,7 @@ def cli_type(check: Callable[[Any], Any], parse: Callable[[str], Any] = int, wha
             raise argparse.ArgumentTypeError(f"expected {what}, found {text!r}") from None
         try:
             return check(value)
-        except RuntimeInputError as exc:
+        except (RuntimeInputError, ValueError) as exc:
             raise argparse.ArgumentTypeError(str(exc)) from None
     convert.__name__ = what
     return convert
