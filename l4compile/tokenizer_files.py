@@ -1,27 +1,20 @@
 """The tokenizer files a build carries: found in a checkpoint (or `build --tokenizer DIR`), checked, copied.
 
-The runtime reads them (runtime/text.py, runtime/chat.py); the manifest lists them in `files` and
-records, in `text`, what the checkpoint's generation_config.json says about generation: the stop
-tokens and the default sampling settings.
+Which files, and how they are read, is the runtime's (runtime/text.py: TEXT_FILES, `find_text_files`,
+`load_tokenizer`, `chat_template_source`), so a build checks exactly what the runtime will load. The manifest
+lists them in `files` and records, in `text`, what the checkpoint's generation_config.json says about
+generation: the stop tokens and the default sampling settings.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any
 
 from l4compile.errors import BuildError
-
-# role in manifest.files -> the file names a Hugging Face checkpoint uses for it (first found wins)
-TOKENIZER_FILES = {
-    "tokenizer": ("tokenizer.json",),
-    "tokenizer_config": ("tokenizer_config.json",),
-    "chat_template": ("chat_template.jinja", "chat_template.json"),
-    "special_tokens_map": ("special_tokens_map.json",),
-    "generation_config": ("generation_config.json",),
-}
+from l4compile.runtime.errors import BuildDirError
+from l4compile.runtime.text import find_text_files, read_json
 
 
 def find_tokenizer(directory: str | Path) -> dict[str, Path]:
@@ -29,31 +22,27 @@ def find_tokenizer(directory: str | Path) -> dict[str, Path]:
     directory = Path(directory)
     if not directory.is_dir():
         raise BuildError(f"--tokenizer {directory}: not a directory")
-    found = {role: next((directory / n for n in names if (directory / n).is_file()), None)
-             for role, names in TOKENIZER_FILES.items()}
-    if found["tokenizer"] is None:
+    found = find_text_files(directory)
+    if "tokenizer" not in found:
         raise BuildError(f"--tokenizer {directory}: no tokenizer.json there (l4compile reads Hugging Face fast "
                          "tokenizers; save one with `tokenizer.save_pretrained(DIR)`)")
-    return {role: path for role, path in found.items() if path is not None}
+    return found
 
 
 def tokenizer_source(tokenizer: str | None, weights: str | None) -> str | None:
     """`--tokenizer DIR` if given; else the `--weights` checkpoint directory when it holds a tokenizer."""
     if tokenizer:
         return tokenizer
-    if weights and weights != "random" and (Path(weights) / "tokenizer.json").is_file():
+    if weights and weights != "random" and "tokenizer" in find_text_files(weights):
         return weights
     return None
 
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BuildError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise BuildError(f"{path}: expected a JSON object")
-    return data
+        return read_json(path)
+    except BuildDirError as exc:
+        raise BuildError(str(exc)) from None
 
 
 def generation_settings(path: Path | None) -> dict[str, Any]:
@@ -85,21 +74,20 @@ def generation_settings(path: Path | None) -> dict[str, Any]:
 
 def check_tokenizer(files: dict[str, Path], vocab_size: int) -> None:
     """Load the tokenizer and compile its chat template as the runtime will, so a bad file fails the build."""
-    from l4compile.runtime.errors import BuildDirError, RuntimeInputError
-    from l4compile.runtime.text import Tokenizer
+    from l4compile.runtime.errors import RuntimeInputError
+    from l4compile.runtime.text import chat_template_source, load_tokenizer
     try:
-        tokenizer = Tokenizer.load(files["tokenizer"], files.get("tokenizer_config"), files.get("special_tokens_map"))
+        tokenizer = load_tokenizer(files)
     except BuildDirError as exc:
         raise BuildError(str(exc)) from None
     if tokenizer.vocab_size > vocab_size:
         raise BuildError(f"{files['tokenizer']}: the tokenizer has {tokenizer.vocab_size} tokens but the model's "
                          f"vocabulary is {vocab_size}; it is not this model's tokenizer")
-    template = None
-    if "chat_template" in files:
-        path = files["chat_template"]
-        template = _read_json(path).get("chat_template") if path.suffix == ".json" else path.read_text("utf-8")
-    template = template or tokenizer.config.get("chat_template")
-    if isinstance(template, str):
+    try:
+        template = chat_template_source(files, tokenizer)
+    except BuildDirError as exc:
+        raise BuildError(str(exc)) from None
+    if template is not None:
         from l4compile.runtime.chat import ChatTemplate
         try:
             ChatTemplate(template, tokenizer.special_tokens)

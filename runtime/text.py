@@ -12,13 +12,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from l4compile.runtime.errors import BuildDirError, RuntimeInputError
 
 # The named special tokens of transformers' tokenizers; each is a variable of the chat template.
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 REPLACEMENT = "\ufffd"   # what a decoder yields for an incomplete UTF-8 sequence
+# role (a build's manifest.files) -> the file names a Hugging Face checkpoint uses for it (first found wins)
+TEXT_FILES = {
+    "tokenizer": ("tokenizer.json",),
+    "tokenizer_config": ("tokenizer_config.json",),
+    "chat_template": ("chat_template.jinja", "chat_template.json"),
+    "special_tokens_map": ("special_tokens_map.json",),
+    "generation_config": ("generation_config.json",),
+}
 
 
 def read_json(path: Path) -> dict[str, Any]:
@@ -29,6 +37,32 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise BuildDirError(f"{path}: expected a JSON object")
     return data
+
+
+def find_text_files(directory: str | Path) -> dict[str, Path]:
+    """role -> file of the text files (TEXT_FILES) a checkpoint directory holds; the build copies these."""
+    directory = Path(directory)
+    found = {role: next((directory / n for n in names if (directory / n).is_file()), None)
+             for role, names in TEXT_FILES.items()}
+    return {role: path for role, path in found.items() if path is not None}
+
+
+def load_tokenizer(files: Mapping[str, Path]) -> "Tokenizer":
+    """The tokenizer of role -> file: `tokenizer`, with `tokenizer_config` and `special_tokens_map` where given."""
+    return Tokenizer.load(files["tokenizer"], files.get("tokenizer_config"), files.get("special_tokens_map"))
+
+
+def chat_template_source(files: Mapping[str, Path], tokenizer: "Tokenizer") -> str | None:
+    """The chat template's Jinja source: the `chat_template` file's (.jinja, or .json with a "chat_template" key),
+    else tokenizer_config.json's (of named templates, the "default" one); None when there is none."""
+    source = None
+    if "chat_template" in files:
+        path = files["chat_template"]
+        source = read_json(path).get("chat_template") if path.suffix == ".json" else path.read_text("utf-8")
+    source = source or tokenizer.config.get("chat_template")
+    if isinstance(source, list):   # named templates, as tokenizer_config.json may hold them
+        source = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}.get("default")
+    return source if isinstance(source, str) and source else None
 
 
 def _token_text(value: Any) -> str | None:

@@ -41,32 +41,30 @@ class TextGeneration:
     def tokenizer(self):
         """The build's tokenizer (runtime/text.py), loaded once."""
         if self._tokenizer is None:
-            from l4compile.runtime.text import Tokenizer
-            files = self.manifest.files
-            if "tokenizer" not in files:
+            from l4compile.runtime.text import load_tokenizer
+            if "tokenizer" not in self.manifest.files:
                 raise BuildDirError(f"{self.directory}: this build has no tokenizer, so it takes token ids only; "
                                     + TEXT_FILES_HINT)
-            path = lambda role: self.directory / files[role] if role in files else None  # noqa: E731
-            if not path("tokenizer").is_file():
-                raise BuildDirError(f"{self.directory}: tokenizer file {files['tokenizer']} is missing")
-            self._tokenizer = Tokenizer.load(path("tokenizer"), path("tokenizer_config"), path("special_tokens_map"))
+            files = self._text_files()
+            if not files["tokenizer"].is_file():
+                raise BuildDirError(f"{self.directory}: tokenizer file {self.manifest.files['tokenizer']} is missing")
+            self._tokenizer = load_tokenizer(files)
         return self._tokenizer
+
+    def _text_files(self) -> dict:
+        """role -> path of the text files the build carries (runtime/text.py's TEXT_FILES roles)."""
+        from l4compile.runtime.text import TEXT_FILES
+        return {role: self.directory / self.manifest.files[role] for role in TEXT_FILES if role in self.manifest.files}
 
     @property
     def chat_template(self):
         """The build's chat template (runtime/chat.py), compiled once."""
         if self._chat_template is None:
             from l4compile.runtime.chat import ChatTemplate
-            from l4compile.runtime.text import read_json
+            from l4compile.runtime.text import chat_template_source
             tokenizer = self.tokenizer
-            source = None
-            if "chat_template" in self.manifest.files:
-                path = self.directory / self.manifest.files["chat_template"]
-                source = read_json(path).get("chat_template") if path.suffix == ".json" else path.read_text("utf-8")
-            source = source or tokenizer.config.get("chat_template")
-            if isinstance(source, list):   # named templates, as tokenizer_config.json may hold them
-                source = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}.get("default")
-            if not isinstance(source, str) or not source:
+            source = chat_template_source(self._text_files(), tokenizer)
+            if source is None:
                 raise BuildDirError(f"{self.directory}: the build's tokenizer has no chat template; use complete() "
                                     "for plain text, or rebuild with `--tokenizer DIR` from an instruct checkpoint")
             self._chat_template = ChatTemplate(source, tokenizer.special_tokens)
