@@ -26,6 +26,7 @@ from l4compile.lower_vision import FEATURES, PIXELS, has_image_input, lower_visi
 from l4compile.outdir import check_replaceable, require_space, staged
 from l4compile.passes.pipelines import DEFAULT_PIPELINE, load_pipeline, run_pipeline
 from l4compile.progress import current
+from l4compile.quant import TABLE_BITS, TABLE_BLOCK_SIZE
 from l4compile.runtime import integrity
 from l4compile.runtime.manifest import MANIFEST_FILE, LayerInfo, Manifest, TensorInfo
 from l4compile.runtime.preprocess import LLAMA4_IMAGE_TOKENS
@@ -66,6 +67,8 @@ class BuildOptions:
     quantize_embeddings: bool | None = None    # the embedding table too (int8 / int4: blocks like the matmuls';
                                                # fp8: int8 rows); None: yes for int8 / int4
     quantize_lm_head: bool = True        # int8 / int4: the lm_head too (fp8 always quantizes it)
+    lm_head_bits: int | None = None      # int4: the quantized lm_head's bits, 4 or 8; None: TABLE_BITS'
+    embedding_bits: int | None = None    # int4: the quantized embedding table's bits, 4 or 8; None: TABLE_BITS'
     int4_method: str = "auto"            # int4: "gptq" (calibrated error compensation), "rtn" (round to
                                          # nearest), "auto": gptq where calibration fits in memory
     engine: Any = None                   # target trt: l4compile.trt.profiles.EngineOptions (None: defaults)
@@ -86,7 +89,18 @@ class BuildOptions:
         return {"weights": self.quantize, "activations": "fp8" if activations else None,
                 "embeddings": (self.quantize if self.quantize in ("int8", "int4") else "int8") if embeddings else None,
                 **({"method": self.int4_method} if self.quantize == "int4" else {}),
-                **({"lm_head": "kept"} if not self.quantize_lm_head and self.quantize != "fp8" else {})}
+                **({"lm_head": "kept"} if not self.quantize_lm_head and self.quantize != "fp8" else {}),
+                **(self._table_precision("lm_head") if self.quantize_lm_head else {}),
+                **(self._table_precision("embedding") if embeddings else {})}
+
+    def _table_precision(self, table: str) -> dict[str, int]:
+        """int8 / int4: a quantized table's bits and block size (`TABLE_BITS`, `TABLE_BLOCK_SIZE`)."""
+        if self.quantize not in ("int8", "int4"):
+            return {}
+        bits = getattr(self, f"{table}_bits") or TABLE_BITS[self.quantize][table]
+        if self.quantize == "int8" and bits != 8:
+            raise BuildError(f"--{table.replace('_', '-')}-bits {bits} needs --quantize int4 (int8 keeps it at 8 bits)")
+        return {f"{table}_bits": bits, f"{table}_block_size": TABLE_BLOCK_SIZE[self.quantize][bits]}
 
 
 @dataclass

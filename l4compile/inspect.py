@@ -31,14 +31,14 @@ def canonical_dtype(dtype: str) -> str:
     return name
 
 
-def storage_bytes(elements: int, dtype: str) -> int:
+def storage_bytes(elements: int, dtype: str, block: int = INT4_BLOCK) -> int:
     """Bytes to store `elements` values; int4 packs two per byte plus the block scales, int8 (a
     quantized build's blocks, not a weight dtype of its own) one per byte plus the block scales."""
     if dtype == "int8":
-        return elements + 2 * math.ceil(elements / INT4_BLOCK)
+        return elements + 2 * math.ceil(elements / block)
     dtype = canonical_dtype(dtype)
     if dtype == "int4":
-        return math.ceil(elements / 2) + 2 * math.ceil(elements / INT4_BLOCK)
+        return math.ceil(elements / 2) + 2 * math.ceil(elements / block)
     return elements * _BYTES_PER_ELEMENT[dtype]
 
 
@@ -72,7 +72,8 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
     - `quantized_build_bytes`: the text model's weights as `build --quantize fp8|int8|int4` stores
       them: matmul weights (attention, FFNs, experts, lm_head) quantized, the router, norms and the
       vision model (a build has one where the spec has a vision tower and an image token) in bfloat16,
-      the embeddings in bfloat16 (fp8) or the matmuls' blocks (int8 / int4 defaults); with a budget, `fits_quantized_build` says whether each fits with the KV cache.
+      the embeddings in bfloat16 (fp8) or quantized (int8 / int4 defaults: int4 holds the embedding table in
+      8-bit blocks of 64, `l4compile.quant.TABLE_BITS`); with a budget, `fits_quantized_build` says whether each fits with the KV cache.
     - `vision` (a spec with a vision tower, else None): its parameters, image features per tile and
       FLOPs per tile (2 per matmul parameter and token through it, plus the attention products).
 
@@ -97,8 +98,8 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
         "flops_per_token_parts": {"matmul": 2 * active_matmul_params(spec),
                                   "attention": _attention_flops(spec, context)},
         "weight_bytes": {d: storage_bytes(sum(breakdown.values()), d) for d in DTYPES},
-        "quantized_build_bytes": {d: _quantized_build_bytes(breakdown, d, has_image_input(spec))
-                                  for d in QUANTIZED_BUILDS},
+        "quantized_build_bytes": {d: _quantized_build_bytes(breakdown, d, has_image_input(spec),
+                                                            spec.tie_word_embeddings) for d in QUANTIZED_BUILDS},
         "vision": _vision_report(spec),
         "kv_cache": _kv_cache(spec, context, dtype),
     }
@@ -117,13 +118,23 @@ QUANTIZED_PARTS = ("lm_head", "attention", "dense_ffn", "moe_routed", "moe_share
 HIGH_PRECISION_PARTS = ("embedding", "router", "norms")                              # kept in bfloat16
 
 
-def _quantized_build_bytes(breakdown: dict[str, int], dtype: str, vision: bool) -> int:
-    """int8 and int4 builds quantize the embedding table too by default, in the same blocks as the
-    matmul weights (as llama.cpp's files do); fp8 builds keep it in bfloat16."""
-    quantized_parts = QUANTIZED_PARTS + (() if dtype == "fp8" else ("embedding",))
-    quantized = sum(breakdown[part] for part in quantized_parts)
-    high = sum(breakdown[p] for p in HIGH_PRECISION_PARTS if p not in quantized_parts)
-    return storage_bytes(quantized, dtype) + storage_bytes(high + (breakdown["vision"] if vision else 0), "bfloat16")
+def _quantized_build_bytes(breakdown: dict[str, int], dtype: str, vision: bool, tied: bool = False) -> int:
+    """int8 and int4 builds quantize the embedding table and lm_head too by default, each at its default bits
+    and block (`l4compile.quant.TABLE_BITS`: int4 holds the table in 8-bit blocks; a tied table, the lm_head's),
+    as llama.cpp's files do; fp8 builds keep the table in bfloat16."""
+    from l4compile.quant import TABLE_BITS, TABLE_BLOCK_SIZE
+    extra = breakdown["vision"] if vision else 0
+    if dtype == "fp8":
+        quantized = sum(breakdown[part] for part in QUANTIZED_PARTS)
+        return storage_bytes(quantized, dtype) + storage_bytes(sum(breakdown[p] for p in HIGH_PRECISION_PARTS) + extra,
+                               "bfloat16")
+    matmuls = sum(breakdown[part] for part in QUANTIZED_PARTS if part != "lm_head")
+    total = storage_bytes(matmuls, dtype)
+    for part in ("embedding", "lm_head"):
+        bits = TABLE_BITS[dtype]["lm_head" if tied else part]
+        total += storage_bytes(breakdown[part], f"int{bits}", TABLE_BLOCK_SIZE[dtype][bits])
+    high = sum(breakdown[p] for p in HIGH_PRECISION_PARTS if p != "embedding")
+    return total + storage_bytes(high + extra, "bfloat16")
 
 
 def _vision_report(spec: ModelSpec) -> dict | None:

@@ -213,6 +213,10 @@ class QuantizeINT4(Pass):
     method: str = "rtn"
     hessians: Callable[[Graph, list[str]], dict[str, Any]] | None = None
     lm_head: bool = True
+    lm_head_bits: int | None = None           # the lm_head's (and a tied table's) bits; None: the tier's
+    lm_head_block_size: int | None = None     # None: `block_size`
+    embedding_bits: int | None = None         # an untied embedding table's bits; None: the tier's
+    embedding_block_size: int | None = None   # None: `block_size`
 
     bits: ClassVar[int] = 4
     name: ClassVar[str] = "quantize-int4"
@@ -230,7 +234,8 @@ class QuantizeINT4(Pass):
         self._cache: dict[str, list[str]] = {}
         self._hessians: dict[str, Any] = {}
         if self.method == "gptq" and self.hessians is not None:
-            candidates = [v.name for v in graph.params() if self._quantizable(graph, v.name)]
+            candidates = [v.name for v in graph.params()
+                          if self._quantizable(graph, v.name) and self._precision(v.name)[0] == 4]
             self._hessians = self.hessians(graph, candidates) if candidates else {}
         counts = apply_rewrites(graph, self._rules())
         embedded = self._quantize_tables(graph) if self.embeddings else 0
@@ -258,8 +263,9 @@ class QuantizeINT4(Pass):
             inputs: list[str] = []
             for i, value in enumerate(m.root.inputs):
                 inputs += self._codes(g, value, weights(m)[i]) if i in weights(m) else [value]
-            attrs = {k: m.root.attrs[k] for k in keep} | ({"bits": self.bits} if self.bits != 4 else {})
-            return [g.op(quantized_op, inputs, name=m.root.name, block_size=self.block_size,
+            bits, block = self._precision(m.root.inputs[min(weights(m))])
+            attrs = {k: m.root.attrs[k] for k in keep} | ({"bits": bits} if bits != 4 else {})
+            return [g.op(quantized_op, inputs, name=m.root.name, block_size=block,
                          accuracy_level=self.accuracy_level, **attrs)]
 
         return Rewrite(f"{op}->{quantized_op}", Pat(op, *(Var(f"in{i}") for i in range(arity))), replace,
@@ -269,13 +275,22 @@ class QuantizeINT4(Pass):
         """A weight of the ops this pass rewrites (the lm_head only with `lm_head`)."""
         return _weight_axis(graph, value, INT4_OPS) is not None and (self.lm_head or value != "lm_head")
 
+    def _precision(self, value: str, role: str | None = None) -> tuple[int, int]:
+        """(bits, block_size) of a weight: the lm_head's (`lm_head_bits`, `lm_head_block_size`; also for a
+        table tied to it, `role` "lm_head"), an embedding table's (`role` "embedding"), the tier's otherwise."""
+        if role == "lm_head" or value == "lm_head":
+            return self.lm_head_bits or self.bits, self.lm_head_block_size or self.block_size
+        if role == "embedding":
+            return self.embedding_bits or self.bits, self.embedding_block_size or self.block_size
+        return self.bits, self.block_size
+
     def _quantize_tables(self, graph: Graph) -> int:
-        """Embedding tables -> the same blocks as the matmul weights (`embedding_nbits`: onnxruntime's
-        GatherBlockQuantized), as llama.cpp's Q8_0 / Q4_0 files store token_embd. A table tied to the lm_head
-        (linear with transpose_weight) is quantized once, [V, H] blocked along H, which is also MatMulNBits'
-        layout for N=V, K=H: both uses read the same codes. Tied, it is quantized only where the lm_head is
-        too (`lm_head`): otherwise both uses keep it in high precision. A hidden size that is not a multiple
-        of the block keeps the int8 rows of `_quantize_embeddings`."""
+        """Embedding tables -> blocks of `embedding_bits` (default: the matmuls' blocks; `embedding_nbits`:
+        onnxruntime's GatherBlockQuantized), as llama.cpp's Q8_0 / Q4_0 files store token_embd. A table tied to
+        the lm_head (linear with transpose_weight) is quantized once, at the lm_head's bits, [V, H] blocked
+        along H, which is also MatMulNBits' layout for N=V, K=H: both uses read the same codes. Tied, it is
+        quantized only where the lm_head is too (`lm_head`): otherwise both uses keep it in high precision. A
+        hidden size that is not a multiple of the block keeps the int8 rows of `_quantize_embeddings`."""
         count = 0
         for param in list(graph.params()):
             readers = graph.users(param.name)
@@ -286,36 +301,40 @@ class QuantizeINT4(Pass):
                     and n.inputs[0] != param.name and n.attrs.get("transpose_weight")]
             if len(lookups) + len(tied) != len(readers) or (tied and not self.lm_head):
                 continue
-            if param.type.shape[1] % self.block_size:
+            bits, block = self._precision(param.name, "lm_head" if tied else "embedding")
+            if param.type.shape[1] % block:
                 count += _quantize_embeddings(graph) if not tied else 0
                 continue
-            codes, scales = self._codes(graph, param.name, axis=1, gptq=False)
+            codes, scales = self._codes(graph, param.name, axis=1, gptq=False, precision=(bits, block))
             for node in lookups:
                 out = graph.op("embedding_nbits", [node.inputs[0], codes, scales], name=node.name,
-                               block_size=self.block_size, **({"bits": 8} if self.bits == 8 else {}))
+                               block_size=block, **({"bits": 8} if bits == 8 else {}))
                 graph.replace_uses(node.outputs[0], out)
                 graph.remove_node(node.name)
             for node in tied:
                 out = graph.op("matmul_nbits", [node.inputs[0], codes, scales], name=node.name,
-                               block_size=self.block_size, accuracy_level=self.accuracy_level,
-                               **({"bits": 8} if self.bits == 8 else {}))
+                               block_size=block, accuracy_level=self.accuracy_level,
+                               **({"bits": 8} if bits == 8 else {}))
                 graph.replace_uses(node.outputs[0], out)
                 graph.remove_node(node.name)
             count += 1
         return count
 
-    def _codes(self, graph: Graph, value: str, axis: int, gptq: bool = True) -> list[str]:
-        """The [codes, scales] parameters of weight `value` (input features along `axis`), made once."""
+    def _codes(self, graph: Graph, value: str, axis: int, gptq: bool = True,
+               precision: tuple[int, int] | None = None) -> list[str]:
+        """The [codes, scales] parameters of weight `value` (input features along `axis`), made once;
+        `precision` (bits, block_size) defaults to the weight's own (`_precision`)."""
         if value not in self._cache:
+            bits, block = precision or self._precision(value)
             param = graph.values[value]
             shape = param.type.shape
             out_shape = tuple(d for i, d in enumerate(shape) if i != axis)    # [..., N]
-            blocks = -(-shape[axis] // self.block_size)
-            options = {"axis": axis, "block_size": self.block_size}
-            scheme, inputs, tag = ("int4", (), "int4") if self.bits == 4 else ("int8_blocks", (), "int8")
-            if gptq and value in self._hessians:
+            blocks = -(-shape[axis] // block)
+            options = {"axis": axis, "block_size": block}
+            scheme, inputs, tag = ("int4", (), "int4") if bits == 4 else ("int8_blocks", (), "int8")
+            if gptq and bits == 4 and value in self._hessians:
                 scheme, inputs = "int4_gptq", (("hessian", self._hessians[value]),)
-            codes = _derived_param(graph, param, tag, "uint8", out_shape + (blocks, self.block_size * self.bits // 8),
+            codes = _derived_param(graph, param, tag, "uint8", out_shape + (blocks, block * bits // 8),
                                    scheme, "q", inputs, **options)
             scales = _derived_param(graph, param, f"{tag}_scale", param.type.dtype, out_shape + (blocks,),
                                     scheme, "scale", inputs, **options)
@@ -357,9 +376,11 @@ def quantization_passes(quantization: dict | None, target: str = "onnx",
         if target == "trt":
             raise PassError(f"--quantize {scheme} emits onnxruntime's MatMulNBits, which TensorRT does not parse; "
                             "use --quantize fp8 for --target trt")
-        lm_head = quantization.get("lm_head") != "kept"
+        lm_head = {"lm_head": quantization.get("lm_head") != "kept",
+                   **{key: quantization.get(key) for key in ("lm_head_bits", "lm_head_block_size", "embedding_bits",
+                                                             "embedding_block_size")}}
         if scheme == "int8":
-            return [QuantizeINT8(embeddings=embeddings, lm_head=lm_head)]
+            return [QuantizeINT8(embeddings=embeddings, **lm_head)]
         return [QuantizeINT4(embeddings=embeddings, method=quantization.get("method", "rtn"), hessians=hessians,
-                             lm_head=lm_head)]
+                             **lm_head)]
     raise PassError(f"unknown quantization {scheme!r}; choose fp8, int8 or int4")

@@ -19,11 +19,18 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="fp8: calibrated per-tensor Q/DQ on activations too, as TensorRT expects (default: on for "
                         "--target trt, off for onnx)")
     p.add_argument("--quantize-embeddings", action=argparse.BooleanOptionalAction, default=None,
-                   help="quantize the embedding table too (default: on for int8 and int4, in their blocks of 32; off "
-                        "for fp8, where it gives int8 rows); a table tied to the lm_head follows both options")
+                   help="quantize the embedding table too (default: on for int8 and int4, in 8-bit blocks, see "
+                        "--embedding-bits; off for fp8, where it gives int8 rows); a table tied to the lm_head follows "
+                        "both options")
     p.add_argument("--quantize-lm-head", action=argparse.BooleanOptionalAction, default=True,
                    help="int8 / int4: quantize the lm_head like the other matmuls (default: on; "
                         "--no-quantize-lm-head keeps it in the build dtype)")
+    p.add_argument("--embedding-bits", type=int, choices=[4, 8], default=None,
+                   help="int4: bits of the quantized embedding table (default 8, blocks of 64; 4: blocks of 32, the "
+                        "smallest file); int8 keeps it at 8")
+    p.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
+                   help="int4: bits of the quantized lm_head and of a table tied to it (default 4, blocks of 32; 8: "
+                        "blocks of 64); int8 keeps it at 8")
     p.add_argument("--int4-method", choices=["auto", "gptq", "rtn"], default="auto",
                    help="int4: gptq (codes chosen with GPTQ from calibration Hessians), rtn (round to "
                         "nearest), auto (default: gptq where the float32 model fits in a third of memory)")
@@ -35,6 +42,8 @@ def apply_quantize_args(args: argparse.Namespace, options) -> None:
     options.quantize_activations = args.quantize_activations
     options.quantize_embeddings = args.quantize_embeddings
     options.quantize_lm_head = args.quantize_lm_head
+    options.embedding_bits = args.embedding_bits
+    options.lm_head_bits = args.lm_head_bits
     options.int4_method = args.int4_method
 
 

@@ -77,7 +77,12 @@ def format_comparison(report: dict) -> str:
             return "not quantized"
         method = f" by {quantization['method']}" if quantization.get("method") else ""
         parts = [f"{quantization['weights']} weights{method}"]
-        parts += [f"{quantization[k]} {k}" for k in ("activations", "embeddings") if quantization.get(k)]
+        parts += [f"{quantization['activations']} activations"] if quantization.get("activations") else []
+        for table, key in (("embeddings", "embedding"), ("lm_head", "lm_head")):
+            if f"{key}_bits" in quantization:
+                parts.append(f"{table} {quantization[f'{key}_bits']}-bit blocks of {quantization[f'{key}_block_size']}")
+            elif table == "embeddings" and quantization.get("embeddings"):
+                parts.append(f"{quantization['embeddings']} embeddings")
         parts += ["lm_head kept in high precision"] if quantization.get("lm_head") == "kept" else []
         return ", ".join(parts)
     p = report["prompts"]
