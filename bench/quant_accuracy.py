@@ -33,16 +33,13 @@ from vs_llamacpp import ACCURACY_TOKENS, prompt_ids  # noqa: E402
 
 # name -> (BuildOptions fields, attributes set on the quantization pass; None: its default)
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "int4": ({"quantize": "int4"}, {}),
-    "int4-lm4": ({"quantize": "int4", "lm_head_bits": 4, "embedding_bits": 4}, {}),
+    "int4": ({"quantize": "int4"}, {}),           # the default: table 8-bit blocks of 64, lm_head 4-bit blocks of 32
+    "int4-tables4": ({"quantize": "int4", "lm_head_bits": 4, "embedding_bits": 4}, {}),   # before 719309c
+    "int4-emb8-b32": ({"quantize": "int4"}, {"embedding_block_size": 32}),
     "int4-lm8-b32": ({"quantize": "int4", "lm_head_bits": 8, "embedding_bits": 4}, {"lm_head_block_size": 32}),
     "int4-lm8-b64": ({"quantize": "int4", "lm_head_bits": 8, "embedding_bits": 4}, {}),
     "int4-lm8-b128": ({"quantize": "int4", "lm_head_bits": 8, "embedding_bits": 4}, {"lm_head_block_size": 128}),
-    "int4-lm4-emb8-b32": ({"quantize": "int4", "lm_head_bits": 4}, {"embedding_block_size": 32}),
-    "int4-lm4-emb8-b64": ({"quantize": "int4", "lm_head_bits": 4}, {}),
-    "int4-emb8-b64": ({"quantize": "int4", "lm_head_bits": 8}, {}),
-    "int4-emb8-b128": ({"quantize": "int4", "lm_head_bits": 8}, {"lm_head_block_size": 128,
-                                                                  "embedding_block_size": 128}),
+    "int4-tables8": ({"quantize": "int4", "lm_head_bits": 8}, {}),
     "int4-acc0": ({"quantize": "int4"}, {"accuracy_level": 0}),
     "int8": ({"quantize": "int8"}, {}),
     "int8-acc0": ({"quantize": "int8"}, {"accuracy_level": 0}),

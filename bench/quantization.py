@@ -9,8 +9,9 @@ quant-report` computes them), and greedy decode tokens/s through the runtime's E
 A control row builds fp32 with every quantizable weight multiplied by (1 + 1% Gaussian noise): how
 much a random-weight model moves under a perturbation far smaller than any 8- or 4-bit format's.
 
-The "x Q4_0" column is the weight file's size over what llama.cpp's Q4_0 stores for the same model (every
-matrix, embeddings and output included, in blocks of 32 at 4.5 bits a weight; router and norms float32).
+The "x Q4_0" column is the weight file's size over what llama.cpp's Q4_0 stores for the same model
+(`l4compile.quant.report.q4_0_bytes`: every matrix in blocks of 32 at 4.5 bits a weight, the output matrix at
+Q6_K; router and norms float32).
 Decode: the builds take turns in each round; "x fp32" is the median over rounds of that round's ratio.
 
     python bench/quantization.py [--spec specs/bench-16e.yaml] [--threads 2] [--new-tokens 128]
@@ -34,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from l4compile.build import BuildOptions, build  # noqa: E402
 from l4compile.inspect import format_bytes  # noqa: E402
-from l4compile.quant.report import compare_builds  # noqa: E402
+from l4compile.quant.report import compare_builds, q4_0_bytes  # noqa: E402
 from l4compile.runtime import Engine  # noqa: E402
 from l4compile.spec import load_spec  # noqa: E402
 from l4compile.weights import RandomWeights  # noqa: E402
@@ -47,7 +48,7 @@ ROWS = {   # label -> BuildOptions fields (None: the noisy-weights control)
     "int4 weight-only (round to nearest)": {"quantize": "int4", "int4_method": "rtn", "quantize_embeddings": False,
                                             "quantize_lm_head": False},
     "int4 weight-only (GPTQ)": {"quantize": "int4", "quantize_embeddings": False, "quantize_lm_head": False},
-    "int4 (GPTQ) + int4 embeddings, lm_head": {"quantize": "int4"},
+    "int4 (GPTQ) + 8-bit embeddings, 4-bit lm_head": {"quantize": "int4"},
     "int8 weight-only": {"quantize": "int8", "quantize_embeddings": False, "quantize_lm_head": False},
     "int8 + int8 embeddings, lm_head": {"quantize": "int8"},
     "control: fp32 weights x (1 + 1% noise)": None,
@@ -160,14 +161,6 @@ def _print(spec, args, rows) -> None:
         print(f"{label:<42} {format_bytes(r['weight_bytes']):>10} {ratio:>7.3f} {r['weight_bytes'] / q4_0:>7.3f} "
               f"{r['cosine_mean']:>11.5f} {r['cosine_min']:>7.4f} {r['top1_agreement']:>7.1%} "
               f"{r['max_abs_error']:>8.3f} {tps:>12.1f} {speedup:>7.2f} {cpu_ms:>10.2f} {build_seconds:>7.1f}")
-
-
-def q4_0_bytes(spec) -> int:
-    """What llama.cpp's Q4_0 stores for `spec`'s text model: every matrix (token_embd and output included) in
-    blocks of 32 at 18 bytes, the router and norms in float32."""
-    from l4compile.lower import lower
-    return sum(v.type.numel() * 18 // 32 if v.type.rank >= 2 and v.init not in ("router", "norm")
-               else v.type.numel() * 4 for v in lower(spec, kv_cache=False).params())
 
 
 if __name__ == "__main__":

@@ -99,3 +99,19 @@ def format_comparison(report: dict) -> str:
         f"  ({ratio:.3f}x)",
         f"all files         {format_bytes(total)} vs {format_bytes(ref_total)}  ({total / max(ref_total, 1):.3f}x)",
     ]) + "\n"
+
+
+def q4_0_bytes(spec) -> int:
+    """What llama.cpp's `llama-quantize ... Q4_0` stores for `spec`'s text model (llama-quant.cpp's defaults):
+    every matrix, the embedding table (token_embd) included, in blocks of 32 at 18 bytes (4.5 bits a weight),
+    except the output matrix (lm_head): Q6_K (210 bytes a block of 256), or Q8_0 (34 bytes a block of 32)
+    where its rows are not a multiple of 256; the router and the norms in float32."""
+    from l4compile.lower import lower
+
+    def stored(v) -> int:
+        if v.type.rank < 2 or v.init in ("router", "norm"):
+            return v.type.numel() * 4
+        if v.name == "lm_head":
+            return v.type.numel() * 210 // 256 if spec.hidden_size % 256 == 0 else v.type.numel() * 34 // 32
+        return v.type.numel() * 18 // 32
+    return sum(stored(v) for v in lower(spec, kv_cache=False).params())

@@ -21,7 +21,7 @@ from l4compile.lower import lower
 from l4compile.passes import PassManager
 from l4compile.passes.quantize import QuantizeINT4, QuantizeINT8, quantization_passes
 from l4compile.quant.calibrate import reference_inputs
-from l4compile.quant.report import logits_agreement
+from l4compile.quant.report import logits_agreement, q4_0_bytes
 from l4compile.runtime import Engine
 from l4compile.weights import RandomWeights
 from tests.conftest import load, token_ids
@@ -79,22 +79,6 @@ def builds(tmp_path_factory):
 
 def data_bytes(build_dir) -> int:
     return (build_dir / "model.onnx.data").stat().st_size
-
-
-def q4_0_bytes(spec) -> int:
-    """What llama.cpp's `llama-quantize ... Q4_0` stores: every matrix (the embedding table included) in blocks of
-    32 at 18 bytes (4.5 bits a weight), except the output matrix (lm_head): Q6_K (210 bytes a 256-weight block),
-    or Q8_0 (34 bytes a 32-weight block) where its rows are not a multiple of 256 (llama-quant.cpp's default
-    and fallback); the router and the norms in float32."""
-    graph = lower(spec, kv_cache=False)
-
-    def stored(v) -> int:
-        if v.type.rank < 2 or v.init in ("router", "norm"):
-            return v.type.numel() * 4
-        if v.name == "lm_head":
-            return v.type.numel() * 210 // 256 if spec.hidden_size % 256 == 0 else v.type.numel() * 34 // 32
-        return v.type.numel() * 18 // 32
-    return sum(stored(v) for v in graph.params())
 
 
 def test_int4_file_size_within_1_15x_of_q4_0(builds):
