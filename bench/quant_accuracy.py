@@ -34,7 +34,7 @@ from vs_llamacpp import ACCURACY_TOKENS, prompt_ids  # noqa: E402
 # name -> (BuildOptions fields, attributes set on the quantization pass; None: its default)
 VARIANTS: dict[str, tuple[dict, dict]] = {
     "int4": ({"quantize": "int4"}, {}),           # the default: table 8-bit blocks of 64, lm_head 4-bit blocks of 32
-    "int4-tables4": ({"quantize": "int4", "lm_head_bits": 4, "embedding_bits": 4}, {}),   # before 719309c
+    "int4-tables4": ({"quantize": "int4", "lm_head_bits": 4, "embedding_bits": 4}, {}),   # before e225a37
     "int4-emb8-b32": ({"quantize": "int4"}, {"embedding_block_size": 32}),
     "int4-lm8-b32": ({"quantize": "int4", "lm_head_bits": 8, "embedding_bits": 4}, {"lm_head_block_size": 32}),
     "int4-lm8-b64": ({"quantize": "int4", "lm_head_bits": 8, "embedding_bits": 4}, {}),
