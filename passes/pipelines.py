@@ -24,17 +24,20 @@ import yaml
 
 from l4compile.errors import PassError
 from l4compile.passes.base import Pass
+from l4compile.passes.attention_lengths import AttentionLengths
 from l4compile.passes.chunked_attention import ChunkedAttention, GlobalAttentionBlocks
 from l4compile.passes.cleanup import CommonSubexpressionElimination, ConstantFolding, DeadCodeElimination
+from l4compile.passes.flat_heads import FlatHeads
 from l4compile.passes.moe_dispatch import MoEDispatch
 from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4, QuantizeINT8
 from l4compile.passes.quantize_activations import QuantizeActivationsFP8
 from l4compile.passes.rotary_embedding import RotaryEmbedding
 from l4compile.passes.shard import Shard
+from l4compile.passes.skip_rms_norm import SkipRMSNorm
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
-    ConstantFolding, MoEDispatch, ChunkedAttention, GlobalAttentionBlocks, RotaryEmbedding,
-    CommonSubexpressionElimination, DeadCodeElimination,
+    ConstantFolding, MoEDispatch, ChunkedAttention, GlobalAttentionBlocks, RotaryEmbedding, SkipRMSNorm, FlatHeads,
+    AttentionLengths, CommonSubexpressionElimination, DeadCodeElimination,
     QuantizeFP8, QuantizeINT4, QuantizeINT8, QuantizeActivationsFP8, Shard,
 )}
 
@@ -57,9 +60,11 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline("none", "the straight lowering, for debugging", ()),
     Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op (experts in 4 parts, so that its "
              "threads share a decode token's expert), attention over in-place per-row KV "
-             "caches (GroupQueryAttention; chunked layers hold one chunk), RotaryEmbedding",
+             "caches (GroupQueryAttention; chunked layers hold one chunk, q/k/v flat, lengths once per layer "
+             "kind), RotaryEmbedding",
              (("constant-fold", {}), ("moe-dispatch", {"impl": "ort", "ort_parts": 4}), ("chunked-attention", {}),
-              ("global-attention-blocks", {}), ("rotary-embedding", {}), ("cse", {}), ("dce", {})),
+              ("global-attention-blocks", {}), ("rotary-embedding", {}), ("flat-heads", {}), ("attention-lengths", {}),
+              ("cse", {}), ("dce", {})),
              kv_layout="in-place"),
     Pipeline("trt", "standard ONNX ops only (what TensorRT parses): grouped MoE dispatch, chunked layers blockwise",
              (("constant-fold", {}), ("moe-dispatch", {"impl": "grouped"}), ("chunked-attention", {}), ("cse", {}),

@@ -120,6 +120,19 @@ class Graph:
         for out in node.outputs:
             self.values.pop(out, None)
 
+    def set_inputs(self, name: str, inputs: list[str]) -> None:
+        """Make node `name` read `inputs` (a node that must keep its name and outputs, e.g. graph outputs)."""
+        node = self.nodes[name]
+        for v in inputs:
+            if v not in self.values:
+                raise IRError(f"node {name!r} ({node.op}) would read undefined value {v!r}")
+        self.nx.remove_edges_from(list(self.nx.in_edges(name)))
+        node.inputs = list(inputs)
+        for v in inputs:
+            producer = self.values[v].producer
+            if producer is not None:
+                self.nx.add_edge(producer, name)
+
     def replace_uses(self, old: str, new: str) -> None:
         """Make every reader of `old` read `new` instead."""
         for node in self.nodes.values():

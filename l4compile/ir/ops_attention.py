@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 
 from l4compile.ir.op import Op, expect, register
+from l4compile.ir.ops_core import heads_view
 from l4compile.ir.types import TensorType
 
 
@@ -64,18 +65,22 @@ class RopeAngles(Op):
 class Rope(Op):
     """Interleaved-pair rotary embedding: pairs (x0, x1), (x2, x3), ... rotate as complex numbers.
 
-    x [B, S, n, d], cos/sin [P, S, d/2]; computed in float32 like transformers' apply_rotary_emb.
+    x [B, S, n, d] or with its heads flat, [B, S, n*d] (passes/flat_heads.py); cos/sin [P, S, d/2]; computed
+    in float32 like transformers' apply_rotary_emb.
     """
 
     name = "rope"
 
     def infer(self, inputs, attrs):
         x, cos, sin = inputs
-        expect(x.rank == 4 and x.shape[-1] == 2 * cos.shape[-1], self.name, f"{x} does not match table {cos}")
+        heads_view(x, 2 * cos.shape[-1], self.name)
         return [x]
 
     def torch(self, torch, inputs, attrs):
         x, cos, sin = inputs
+        if x.dim() == 3:   # heads flat
+            (out,) = self.torch(torch, [x.reshape(*x.shape[:2], -1, 2 * cos.shape[-1]), cos, sin], attrs)
+            return [out.reshape(x.shape)]
         pairs = x.float().reshape(*x.shape[:-1], -1, 2)
         x0, x1 = pairs[..., 0], pairs[..., 1]
         c, s = cos[:, :, None, :], sin[:, :, None, :]
@@ -85,9 +90,10 @@ class Rope(Op):
     def onnx(self, b, inputs, attrs, types):
         x, cos, sin = inputs
         half = types[1].shape[-1]
-        heads = types[0].shape[2]
+        flat = types[0].rank == 3
+        heads = heads_view(types[0], 2 * half, self.name).shape[2]
         if attrs.get("impl") == "ort":
-            return [self._onnxruntime(b, x, cos, sin, heads, half)]
+            return [self._onnxruntime(b, x, cos, sin, heads, half, flat)]
         xf = x if types[0].dtype == "float32" else b.node("Cast", [x], to=1)
         pairs = b.node("Reshape", [xf, b.int64s(0, 0, heads, half, 2)])
         x0, x1 = b.node("Split", [pairs, b.int64s(1, 1)], n_out=2, axis=-1)
@@ -95,7 +101,8 @@ class Rope(Op):
         s = b.node("Unsqueeze", [sin, b.int64s(2, 4)])
         out0 = b.node("Sub", [b.node("Mul", [x0, c]), b.node("Mul", [x1, s])])
         out1 = b.node("Add", [b.node("Mul", [x0, s]), b.node("Mul", [x1, c])])
-        out = b.node("Reshape", [b.node("Concat", [out0, out1], axis=-1), b.int64s(0, 0, heads, 2 * half)])
+        shape = (0, 0, heads * 2 * half) if flat else (0, 0, heads, 2 * half)
+        out = b.node("Reshape", [b.node("Concat", [out0, out1], axis=-1), b.int64s(*shape)])
         if types[0].dtype != "float32":
             from l4compile.ir.op import ONNX_DTYPES
             out = b.node("Cast", [out], to=ONNX_DTYPES[types[0].dtype])
@@ -103,16 +110,18 @@ class Rope(Op):
 
 
     @staticmethod
-    def _onnxruntime(b, x, cos, sin, heads: int, half: int) -> str:
-        """onnxruntime's RotaryEmbedding (float32, one table row per batch row): the angle tables [P, S, d/2]
-        flattened to [P*S, d/2], each token reading its own row through position ids arange(P*S) [P, S]."""
+    def _onnxruntime(b, x, cos, sin, heads: int, half: int, flat: bool) -> str:
+        """onnxruntime's RotaryEmbedding (float32, one table row per batch row, heads flat): the angle tables
+        [P, S, d/2] flattened to [P*S, d/2], each token reading its own row through position ids arange(P*S)
+        [P, S]."""
         tables = [b.node("Reshape", [t, b.int64s(-1, half)]) for t in (cos, sin)]
         rows = b.node("Slice", [b.node("Shape", [cos]), b.int64s(0), b.int64s(2)])
         count = b.node("ReduceProd", [rows], keepdims=0)
         ids = b.node("Reshape", [b.node("Range", [b.const(0, "int64"), count, b.const(1, "int64")]), rows])
-        flat = b.node("Reshape", [x, b.int64s(0, 0, heads * 2 * half)])
-        out = b.node("RotaryEmbedding", [flat, ids] + tables, domain="com.microsoft", interleaved=1, num_heads=heads)
-        return b.node("Reshape", [out, b.int64s(0, 0, heads, 2 * half)])
+        if not flat:
+            x = b.node("Reshape", [x, b.int64s(0, 0, heads * 2 * half)])
+        out = b.node("RotaryEmbedding", [x, ids] + tables, domain="com.microsoft", interleaved=1, num_heads=heads)
+        return out if flat else b.node("Reshape", [out, b.int64s(0, 0, heads, 2 * half)])
 
 
 @register

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from l4compile.ir.op import Op, OnnxBuilder, expect, register
+from l4compile.ir.op import Op, OnnxBuilder, expect, get_op, register
 from l4compile.ir.types import TensorType, broadcast_shapes
 
 FLOAT = ("float32", "float16", "bfloat16")
@@ -97,6 +97,30 @@ class RMSNorm(Op):
         dtype = types[0].dtype
         normed = _from_float32(b, _rms(b, _to_float32(b, x, dtype), attrs["eps"]), dtype)
         return [b.node("Mul", [normed, w])]
+
+
+@register
+class SkipRMSNorm(Op):
+    """rms_norm(x + skip, weight) and the sum x + skip (the residual stream's next value), in one
+    onnxruntime com.microsoft SkipSimplifiedLayerNormalization (passes/skip_rms_norm.py makes it)."""
+
+    name = "skip_rms_norm"
+
+    def infer(self, inputs, attrs):
+        x, skip, w = inputs
+        expect(x == skip, self.name, f"input {x} and skip {skip} differ")
+        expect(w.shape == (x.shape[-1],), self.name, f"weight {w} does not match input {x}")
+        return [x, x]
+
+    def torch(self, torch, inputs, attrs):
+        x, skip, w = inputs
+        total = x + skip
+        return get_op("rms_norm").torch(torch, [total, w], attrs) + [total]
+
+    def onnx(self, b, inputs, attrs, types):
+        out, _, _, total = b.node("SkipSimplifiedLayerNormalization", inputs, n_out=4, domain="com.microsoft",
+                                  epsilon=float(attrs["eps"]))
+        return [out, total]
 
 
 @register
@@ -202,6 +226,35 @@ class SplitHeads(Op):
 
     def onnx(self, b, inputs, attrs, types):
         return [b.node("Reshape", [inputs[0], b.int64s(0, 0, attrs["num_heads"], attrs["head_dim"])])]
+
+
+@register
+class MergeHeads(Op):
+    """[B, S, n, d] -> [B, S, n*d], the inverse of split_heads (passes/flat_heads.py cancels the pairs)."""
+
+    name = "merge_heads"
+
+    def infer(self, inputs, attrs):
+        (x,) = inputs
+        expect(x.rank == 4 and isinstance(x.shape[2], int) and isinstance(x.shape[3], int), self.name,
+               f"{x} is not [B, S, n, d]")
+        return [x.with_shape(x.shape[:2] + (x.shape[2] * x.shape[3],))]
+
+    def torch(self, torch, inputs, attrs):
+        (x,) = inputs
+        return [x.reshape(*x.shape[:2], -1)]
+
+    def onnx(self, b, inputs, attrs, types):
+        return [b.node("Reshape", [inputs[0], b.int64s(0, 0, types[0].shape[2] * types[0].shape[3])])]
+
+
+def heads_view(t: TensorType, head_dim: int, op: str) -> TensorType:
+    """The [B, S, n, d] view of a tensor given as such or with its heads flat, [B, S, n*d]."""
+    if t.rank == 4:
+        return t
+    expect(t.rank == 3 and isinstance(t.shape[2], int) and t.shape[2] % head_dim == 0, op,
+           f"{t} is neither [B, S, n, {head_dim}] nor [B, S, n*{head_dim}]")
+    return t.with_shape(t.shape[:2] + (t.shape[2] // head_dim, head_dim))
 
 
 @register

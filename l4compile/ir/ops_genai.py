@@ -20,6 +20,7 @@ import numpy as np
 
 from l4compile.ir.op import ONNX_DTYPES, Op, expect, get_op, register
 from l4compile.ir.ops_cache_attention import MS_DOMAIN
+from l4compile.ir.ops_core import heads_view
 from l4compile.ir.types import TensorType
 
 
@@ -114,8 +115,8 @@ class ChunkBias(Op):
 
 @register
 class GenaiAttention(Op):
-    """q [B, S, Hq, D], new k/v [B, S, Hkv, D], buffers k/v [B, Hkv, P, D], seqlens_k int32 [B], total int32 [],
-    optional bias [B, 1, S, T] -> out [B, S, Hq*D] and the buffers with the new positions written
+    """q [B, S, Hq, D], new k/v [B, S, Hkv, D] (or heads flat, [B, S, H*D]), buffers k/v [B, Hkv, P, D],
+    seqlens_k int32 [B], total int32 [], optional bias [B, 1, S, T] -> out [B, S, Hq*D] and the buffers with the new positions written
     (onnxruntime's GroupQueryAttention as genai drives it; present has max(P, T) slots).
 
     Row b holds seqlens_k[b] + 1 positions after this step, in slots [0, seqlens_k[b] + 1); the new ones
@@ -127,7 +128,8 @@ class GenaiAttention(Op):
 
     def infer(self, inputs, attrs):
         q, k, v, cache_k, cache_v, seqlens, total = inputs[:7]
-        expect(q.rank == k.rank == v.rank == cache_k.rank == 4, self.name, "q, k, v and the buffers must be rank 4")
+        expect(cache_k.rank == 4, self.name, "the buffers must be rank 4")
+        q, k, v = (heads_view(t, cache_k.shape[3], self.name) for t in (q, k, v))
         expect(k.shape[2] == cache_k.shape[1] and k.shape[3] == cache_k.shape[3] == q.shape[3], self.name,
                f"new keys {k} do not match the buffer {cache_k}")
         expect(isinstance(q.shape[2], int) and q.shape[2] % k.shape[2] == 0, self.name,
@@ -139,6 +141,7 @@ class GenaiAttention(Op):
     def torch(self, torch, inputs, attrs):
         q, k, v, cache_k, cache_v, seqlens, total = inputs[:7]
         bias = inputs[7] if len(inputs) > 7 else None
+        q, k, v = (x.reshape(*x.shape[:2], -1, cache_k.shape[3]) for x in (q, k, v))
         batch, seq = q.shape[:2]
         first = seq == int(total)
         slots = max(cache_k.shape[2], int(total))
@@ -168,11 +171,12 @@ class GenaiAttention(Op):
     def onnx(self, b, inputs, attrs, types):
         q, k, v, cache_k, cache_v, seqlens, total = inputs[:7]
         bias = list(inputs[7:8])
-        flat = [b.node("Reshape", [x, b.int64s(0, 0, -1)]) for x in (q, k, v)]
+        tq, tk = (heads_view(t, types[3].shape[3], self.name) for t in types[:2])
+        flat = [x if t.rank == 3 else b.node("Reshape", [x, b.int64s(0, 0, -1)]) for x, t in zip((q, k, v), types)]
         optional = ["", "", ""] + bias if bias else []   # cos_cache, sin_cache, position_ids, attention_bias
         out, present_k, present_v = b.node("GroupQueryAttention", flat + [cache_k, cache_v, seqlens, total] + optional,
-                                           n_out=3, domain=MS_DOMAIN, num_heads=types[0].shape[2],
-                                           kv_num_heads=types[1].shape[2], scale=float(attrs["scale"]))
+                                           n_out=3, domain=MS_DOMAIN, num_heads=tq.shape[2],
+                                           kv_num_heads=tk.shape[2], scale=float(attrs["scale"]))
         return [out, present_k, present_v]
 
 

@@ -52,11 +52,15 @@ CASES = {
     "mul": ([f32(2, 5, 2, 8), f32(1, 5, 1, 1)], {}, 1),
     "silu_mul": ([f32(2, 5, 6), f32(2, 5, 6)], {}, 1),
     "split_heads": ([f32(2, 5, 12)], {"num_heads": 3, "head_dim": 4}, 1),
+    "merge_heads": ([f32(2, 5, 3, 4)], {}, 1),
+    "skip_rms_norm": ([f32(2, 5, 6), f32(2, 5, 6), f32(6)], {"eps": 1e-5}, 2),
     "cast": ([f32(2, 3)], {"dtype": "float16"}, 1),
     "positions": ([rng.integers(0, 10, (2, 7))], {}, 1),
     # a decode step of rows at positions 3 and 9 (chunk 8: 3 and 1 cached positions in their chunk)
     "cache_attention": ([f32(2, 1, 4, 8), f32(2, 1, 2, 8), f32(2, 1, 2, 8), kv_buffer(), kv_buffer(),
                          np.array([3, 9], dtype=np.int64)], {"scale": 8 ** -0.5, "chunk_size": 8}, 3),
+    # what its layers share (passes/attention_lengths.py): rows at 3 and 9 of chunk 8, capacity 16, 2 heads per KV head
+    "cache_lengths": ([np.array([3, 9], dtype=np.int64), f32(2, 1, 4, 8), kv_buffer()], {"chunk_size": 8, "group": 2}, 3),
     # onnxruntime-genai's decoder (ops_genai): a decode step of 2 rows at position 9 after 9 cached positions
     # (separate past and present buffers: onnxruntime writes present slots up to each row's length only)
     "mask_positions": ([rng.integers(0, 10, (2, 3)), np.array([[1] * 7, [1] * 5 + [0] * 2], dtype=np.int64)], {}, 1),

@@ -86,7 +86,8 @@ def test_named_pipelines_and_defaults():
     cpu_moe = [p for p in pipeline("onnx-cpu") if p.name == "moe-dispatch"][0]
     assert trt_moe.impl == "grouped" and cpu_moe.impl == "ort"
     assert [p.name for p in pipeline("onnx-cpu", disable=["moe-dispatch", "cse"])] == \
-        ["constant-fold", "chunked-attention", "global-attention-blocks", "rotary-embedding", "dce"]
+        ["constant-fold", "chunked-attention", "global-attention-blocks", "rotary-embedding", "flat-heads",
+         "attention-lengths", "dce"]
     text = describe()
     for name in list(PASSES) + list(PIPELINES):
         assert f"  {name} " in text
