@@ -113,6 +113,9 @@ class CacheAttention(Op):
 # GroupQueryAttention's per-head reads (measured on CPU: MLAS's small-M kernels are slower per byte);
 # the matmuls run when capacity * MATMUL_READ_COST <= (longest row + 1) * query heads per KV head.
 MATMUL_READ_COST = 2
+# ... and only past this many cached positions: below it the matmul branch's fixed cost (some 20 small
+# nodes a layer) outweighs the re-reads it saves (bench-16e-8k: a slower decode from an empty cache).
+MIN_MATMUL_HISTORY = 1024
 
 
 def _decode_by_matmuls(b, q: str, k: str, v: str, cache_k: str, cache_v: str, cached: str, hq: int, hkv: int, d: int,
@@ -163,8 +166,9 @@ class CacheLengths(Op):
         chunk = attrs["chunk_size"]
         cached = past_lengths % chunk if chunk else past_lengths
         seqlens = (cached + step.shape[1] - 1).to(torch.int32)
-        by_matmuls = step.shape[1] == 1 and \
-            cache.shape[2] * MATMUL_READ_COST <= (int(cached.max()) + 1) * attrs["group"]
+        longest = int(cached.max()) + 1
+        by_matmuls = step.shape[1] == 1 and longest >= MIN_MATMUL_HISTORY and \
+            cache.shape[2] * MATMUL_READ_COST <= longest * attrs["group"]
         return [seqlens, seqlens.max() + 1, torch.tensor(by_matmuls)]
 
     def onnx(self, b, inputs, attrs, types):
@@ -174,8 +178,8 @@ class CacheLengths(Op):
 
 def _step_lengths(b, past_lengths: str, step: str, cache: str, chunk: int, group: int) -> tuple[str, str, str]:
     """GroupQueryAttention's seqlens_k (cached + new - 1 per row, int32) and longest total length, and
-    whether a decode step attends by matmuls: one new token and capacity * MATMUL_READ_COST <= (longest row
-    + 1) * group."""
+    whether a decode step attends by matmuls: one new token, longest row + 1 >= MIN_MATMUL_HISTORY and
+    capacity * MATMUL_READ_COST <= (longest row + 1) * group."""
     cached = b.node("Mod", [past_lengths, b.const(chunk, "int64")]) if chunk else past_lengths
     new = b.node("Gather", [b.node("Shape", [step]), b.const(1, "int64")], axis=0)
     seqlens = b.node("Cast", [b.node("Sub", [b.node("Add", [cached, new]), b.const(1, "int64")])], to=6)
@@ -184,4 +188,6 @@ def _step_lengths(b, past_lengths: str, step: str, cache: str, chunk: int, group
     longest = b.node("Add", [b.node("ReduceMax", [cached], keepdims=0), b.const(1, "int64")])
     worth = b.node("LessOrEqual", [b.node("Mul", [capacity, b.const(MATMUL_READ_COST, "int64")]),
                                    b.node("Mul", [longest, b.const(group, "int64")])])
-    return seqlens, total, b.node("And", [b.node("Equal", [new, b.const(1, "int64")]), worth])
+    long_enough = b.node("GreaterOrEqual", [longest, b.const(MIN_MATMUL_HISTORY, "int64")])
+    decode = b.node("And", [b.node("Equal", [new, b.const(1, "int64")]), long_enough])
+    return seqlens, total, b.node("And", [decode, worth])

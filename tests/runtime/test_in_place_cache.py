@@ -132,19 +132,44 @@ def test_new_cache_refuses_an_empty_cache(engines):
 
 def _decode_branch_taken(manifest, capacity: int, cached: int, chunk: int = 0) -> bool:
     """What the graph's If decides for one new token (ops_cache_attention: matmuls when capacity *
-    MATMUL_READ_COST <= (cached + 1) * query heads per KV head)."""
-    from l4compile.ir.ops_cache_attention import MATMUL_READ_COST
+    MATMUL_READ_COST <= (cached + 1) * query heads per KV head and cached + 1 >= MIN_MATMUL_HISTORY)."""
+    from l4compile.ir import ops_cache_attention as ops
     layer = manifest.layers[0]
     group = (layer.num_heads or layer.num_kv_heads) // layer.num_kv_heads
-    return capacity * MATMUL_READ_COST <= ((cached % chunk if chunk else cached) + 1) * group
+    longest = (cached % chunk if chunk else cached) + 1
+    return capacity * ops.MATMUL_READ_COST <= longest * group and longest >= ops.MIN_MATMUL_HISTORY
+
+
+@pytest.fixture(scope="module")
+def short_history_matmuls(tmp_path_factory):
+    """tiny-maverick built with the matmul branch's minimum history at 1 position (the default, 1024,
+    is beyond the tiny specs' contexts): the branch then runs wherever the read cost favours it."""
+    from l4compile.build import BuildOptions, build
+    from l4compile.ir import ops_cache_attention
+    out = tmp_path_factory.mktemp("builds") / "tiny-maverick-matmuls"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ops_cache_attention, "MIN_MATMUL_HISTORY", 1)
+        build(load("tiny-maverick"), out, RandomWeights(0), BuildOptions(), log=lambda _: None)
+        yield Engine.load(out)
+
+
+def test_the_matmul_branch_waits_for_a_long_history(engines):
+    manifest = engines["tiny-maverick"].manifest
+    assert not _decode_branch_taken(manifest, 100, 99)      # cheaper by reads, but a short history
+    assert _decode_branch_taken(manifest, 2000, 1023) and not _decode_branch_taken(manifest, 2000, 1022)
+    assert not _decode_branch_taken(manifest, 2100, 1023)   # a roomy cache: more to read than the re-reads
 
 
 @pytest.mark.parametrize("rows", [1, 3])
-def test_decode_by_matmuls_and_by_group_query_attention_both_equal_the_reference(rows, engines, reference):
-    """tiny-maverick (4 query heads on 1 KV head): with a tight cache the decode steps of the global layer
-    and of the chunked layers past their third position read the buffers with matmuls; with a roomy
-    cache every step runs GroupQueryAttention. Both equal the full forward within 1e-4."""
-    engine = engines["tiny-maverick"]
+def test_decode_by_matmuls_and_by_group_query_attention_both_equal_the_reference(rows, short_history_matmuls, reference,
+                                                                                 monkeypatch):
+    """tiny-maverick (4 query heads on 1 KV head) with the matmul branch allowed on short histories: with
+    a tight cache the decode steps of the global layer and of the chunked layers past their third
+    position read the buffers with matmuls; with a roomy cache every step runs GroupQueryAttention. Both
+    equal the full forward within 1e-4."""
+    from l4compile.ir import ops_cache_attention
+    monkeypatch.setattr(ops_cache_attention, "MIN_MATMUL_HISTORY", 1)   # as the engine was built
+    engine = short_history_matmuls
     lengths = (30, 37, 24)[:rows]
     steps = 10
     seqs = [token_ids(1, n + steps, seed=70 + n)[0] for n in lengths]
