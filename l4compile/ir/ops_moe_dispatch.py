@@ -11,9 +11,10 @@ lowering is chosen by the `impl` attribute:
            (found with NonZero) and scatter-adds its rows back. Standard ops, exact cost for any
            token count (prefill and decode).
   auto     an If on the token count: gather up to `gather_max_tokens` tokens, grouped above.
-  ort      onnxruntime's com.microsoft MoE (top-1 only): x is pre-scaled by sigmoid(top logit) and
-           the op is routed by a one-hot of the selected expert, so its normalised top-1 weight is
-           exactly 1.0 and its SwiGLU (alpha 1, beta 0, no limit) is silu(gate) * up.
+  ort      onnxruntime's com.microsoft MoE (top-1 only): x is pre-scaled by sigmoid(top logit), each
+           expert runs as `ort_parts` parts of its inner axis (so that the op's threads share one
+           token's expert), all parts of the selected expert routed with weight exactly 1/parts and
+           the sum scaled back by parts; its SwiGLU (alpha 1, beta 0, no limit) is silu(gate) * up.
 """
 
 from __future__ import annotations
