@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from l4compile.ir.graph import Graph
 from l4compile.passes.base import Pass, PassResult
 from l4compile.passes.properties import contiguous_positions
-from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rewrites
+from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rule
 
 MASKED_CHUNKED_ATTENTION = Pat("attention", Var("q"), Var("k"), Var("v"),
                                Pat("attention_mask", Var("q_pos"), Var("k_pos"), bind="mask",
@@ -36,9 +36,7 @@ class ChunkedAttention(Pass):
 
 
 def _rewrite_layers(graph: Graph, rule: Rewrite) -> PassResult:
-    counts = apply_rewrites(graph, [rule])
-    stats = {"layers": counts.get(rule.name, 0), "refused": counts.get(f"{rule.name}.refused", 0)}
-    return PassResult(stats["layers"] > 0, stats)
+    return apply_rule(graph, rule, "layers")
 
 
 def _contiguous(graph: Graph, m: Match) -> bool:

@@ -127,3 +127,11 @@ def _replace(graph: Graph, rule: Rewrite, m: Match) -> None:
             if node.name in graph.nodes and not any(graph.users(o) or o in graph.outputs for o in node.outputs):
                 graph.remove_node(node.name)
                 removed = True
+
+
+def apply_rule(graph: Graph, rule: Rewrite, unit: str):
+    """Apply one rule; a pass's result with stats {unit: rewrites, "refused": matches its `where` refused}."""
+    from l4compile.passes.base import PassResult
+    counts = apply_rewrites(graph, [rule])
+    stats = {unit: counts.get(rule.name, 0), "refused": counts.get(f"{rule.name}.refused", 0)}
+    return PassResult(stats[unit] > 0, stats)

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 from l4compile.ir.graph import Graph
 from l4compile.passes.base import Pass, PassResult
-from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rewrites
+from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rule
 
 STANDARD_ROPE = Pat("rope", Var("x"), Var("cos"), Var("sin"), bind="rope", attrs=lambda a: a.get("impl") != "ort")
 
@@ -26,10 +26,7 @@ class RotaryEmbedding(Pass):
     description = "rotary embedding through onnxruntime's RotaryEmbedding op (onnxruntime targets)"
 
     def run(self, graph: Graph) -> PassResult:
-        rule = Rewrite(self.name, STANDARD_ROPE, _fused, where=_fusable)
-        counts = apply_rewrites(graph, [rule])
-        stats = {"nodes": counts.get(rule.name, 0), "refused": counts.get(f"{rule.name}.refused", 0)}
-        return PassResult(stats["nodes"] > 0, stats)
+        return apply_rule(graph, Rewrite(self.name, STANDARD_ROPE, _fused, where=_fusable), "nodes")
 
 
 def _fusable(graph: Graph, m: Match) -> bool:

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from l4compile.ir.graph import Graph
 from l4compile.passes.base import Pass, PassResult
 from l4compile.passes.properties import Property, register_property
-from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rewrites
+from l4compile.passes.rewrite import Match, Pat, Rewrite, Var, apply_rule
 
 
 def _check_residual_norms_fused(graph: Graph) -> str | None:
@@ -46,10 +46,7 @@ class SkipRMSNorm(Pass):
     description = "residual add + RMSNorm through onnxruntime's SkipSimplifiedLayerNormalization (onnxruntime targets)"
 
     def run(self, graph: Graph) -> PassResult:
-        rule = Rewrite(self.name, RESIDUAL_NORM, _fused, where=_fusable)
-        counts = apply_rewrites(graph, [rule])
-        stats = {"nodes": counts.get(rule.name, 0), "refused": counts.get(f"{rule.name}.refused", 0)}
-        return PassResult(stats["nodes"] > 0, stats)
+        return apply_rule(graph, Rewrite(self.name, RESIDUAL_NORM, _fused, where=_fusable), "nodes")
 
 
 def _fusable_add(graph: Graph, value: str) -> bool:
