@@ -289,7 +289,7 @@ def make_parser() -> argparse.ArgumentParser:
     prompt.add_argument("--prompt-ids", type=TOKEN_IDS, help="e.g. 1,2,3; prints prompt and new ids")
     add_text_run_args(p, prompt)
     p.add_argument("--max-new-tokens", type=cli_type(options.max_new_tokens, int, "a count"), help="default 32 for ids; for text the generation config's, else 256")
-    add_sampling_args(p)
+    add_sampling_args(p, ids=True)
     p.add_argument("--stop-ids", type=TOKEN_IDS,
                    help="stop token ids (default: the generation config's, else the spec's eos)")
     p.add_argument("--threads", type=cli_type(options.threads, int, "a thread count"),

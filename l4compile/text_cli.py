@@ -207,15 +207,15 @@ def cmd_chat(args: argparse.Namespace) -> int:
     return repl(engine, args, sys.stdin, sys.stdout, sys.stderr)
 
 
-def add_sampling_args(p: argparse.ArgumentParser) -> None:
+def add_sampling_args(p: argparse.ArgumentParser, ids: bool = False) -> None:
+    """--temperature, --top-k, --top-p, --seed; `ids`: the command also takes --prompt-ids (greedy by default)."""
     from l4compile.runtime import options
     from l4compile.runtime.options import cli_type
+    default = "the build's generation config's" + (" (text prompts; --prompt-ids: greedy)" if ids else "")
     p.add_argument("--temperature", type=cli_type(options.temperature, float, "a number"),
-                   help="0: greedy (default: the build's generation config, else greedy)")
-    p.add_argument("--top-k", type=cli_type(options.top_k, int, "a count"),
-                   help="default: the generation config's, else none")
-    p.add_argument("--top-p", type=cli_type(options.top_p, float, "a number"),
-                   help="default: the generation config's, else 1")
+                   help=f"0: greedy (default: {default}, else greedy)")
+    p.add_argument("--top-k", type=cli_type(options.top_k, int, "a count"), help=f"default: {default}, else no limit")
+    p.add_argument("--top-p", type=cli_type(options.top_p, float, "a number"), help=f"default: {default}, else 1")
     p.add_argument("--seed", type=cli_type(options.seed, int, "a non-negative integer"))
 
 

@@ -210,8 +210,9 @@ class Engine(TextGeneration):
                  image_features: np.ndarray | None = None) -> np.ndarray | list[np.ndarray]:
         """ids int [batch, seq] -> [batch, seq + n], n <= max_new_tokens (greedy by default).
 
-        Generation stops early once every row has produced a stop token; a finished row is filled
-        with its stop token. `callback` receives each step's new tokens [batch]. Images as in `logits`.
+        Generation stops early once every row has produced a stop token (`default_stop_tokens` unless given);
+        a finished row is filled with its stop token. `callback` receives each step's new tokens [batch].
+        Images as in `logits`.
 
         A list of 1-D prompts of any lengths (a ragged batch, text only) gives a list of 1-D arrays: each
         prompt followed by its new tokens, up to and including its first stop token; each row's tokens
@@ -272,8 +273,14 @@ class Engine(TextGeneration):
         return [self._until_stop(np.concatenate([row, np.array(n, dtype=np.int64)]), len(row), stop_tokens)
                 for row, n in zip(rows, new)]
 
+    @property
+    def default_stop_tokens(self) -> tuple[int, ...]:
+        """The stop tokens of `stop_tokens=None`: the checkpoint's generation_config.json's, else the spec's eos."""
+        stops = self.text_settings.get("stop_tokens")
+        return tuple(int(t) for t in (stops if stops is not None else self.manifest.tokens.get("eos") or ()))
+
     def _stops(self, stop_tokens: tuple[int, ...] | None) -> np.ndarray:
-        return np.array(sorted(set(stop_tokens if stop_tokens is not None else self.manifest.tokens.get("eos") or [])),
+        return np.array(sorted(set(stop_tokens if stop_tokens is not None else self.default_stop_tokens)),
                         dtype=np.int64)
 
     def _until_stop(self, out: np.ndarray, prompt: int, stop_tokens: tuple[int, ...] | None) -> np.ndarray:

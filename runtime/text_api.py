@@ -138,9 +138,7 @@ class TextGeneration:
             wanted = self.text_settings.get("max_new_tokens") or DEFAULT_MAX_NEW_TOKENS
             max_new_tokens = max(0, min(wanted, self.max_context - prompt_length))
         if stop_tokens is None:
-            stop_tokens = self.text_settings.get("stop_tokens")
-            if stop_tokens is None:
-                stop_tokens = self.manifest.tokens.get("eos") or ()
+            stop_tokens = self.default_stop_tokens
         return {"max_new_tokens": max_new_tokens, "stop_tokens": tuple(int(t) for t in stop_tokens),
                 "temperature": defaults.get("temperature", 0.0) if temperature is None else temperature,
                 "top_k": defaults.get("top_k", 0) if top_k is None else top_k,

@@ -87,9 +87,7 @@ class Generation:
         self.prompts = Prompts(self.engine)
         text = self.engine.text_settings
         self.defaults = text.get("sampling") or {}
-        stops = text.get("stop_tokens")
-        self.stop_tokens = frozenset(int(t) for t in (stops if stops is not None else
-                                                      self.engine.manifest.tokens.get("eos") or ()))
+        self.stop_tokens = frozenset(self.engine.default_stop_tokens)
         self.default_max_tokens = text.get("max_new_tokens") or DEFAULT_MAX_TOKENS
 
     async def handle(self, http: HTTPRequest, kind: str) -> Response:
