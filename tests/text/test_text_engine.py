@@ -62,13 +62,24 @@ def test_greedy_text_equals_transformers_generate_and_decode(engine, hf_model, h
     assert len(want) > 10 and len(chat) > 0
 
 
-def test_streamed_pieces_join_to_the_final_text(engine):
-    """Random weights emit byte tokens that split (or never complete) characters: a hard case for streaming."""
+def test_streamed_pieces_join_to_the_decoded_text(engine):
+    """The pieces of a stream join to the decode of the ids the model generated (up to its stop token): random
+    weights emit byte tokens that split (or never complete) emoji and CJK characters, a hard case for streaming."""
+    def generated(ids, **options) -> list[int]:
+        new = engine.generate(ids[None], 48, stop_tokens=(), **options)[0, len(ids):].tolist()
+        return new[:min([new.index(t) for t in engine.default_stop_tokens if t in new], default=len(new))]
+
+    split = 0   # generated tokens that hold part of a character only
     for messages in (CHAT, [{"role": "user", "content": "Emoji 👋🏽 and 你好"}]):
         pieces = list(engine.chat_stream(messages, 48, **GREEDY))
-        assert len(pieces) > 1 and "".join(pieces) == engine.chat(messages, 48, **GREEDY)
-    pieces = list(engine.complete_stream("東京 🚀", 48, temperature=0.9, seed=5))
-    assert "".join(pieces) == engine.complete("東京 🚀", 48, temperature=0.9, seed=5)
+        new = generated(engine.encode_chat(messages), **GREEDY)
+        assert len(pieces) > 1 and "".join(pieces) == engine.tokenizer.decode(new)
+        split += sum("\ufffd" in engine.tokenizer.decode([t]) for t in new)
+    sampled = dict(temperature=0.9, top_p=1.0, seed=5)
+    pieces = list(engine.complete_stream("東京 🚀", 48, **sampled))
+    new = generated(engine.encode_prompt("東京 🚀"), **sampled)
+    assert "".join(pieces) == engine.tokenizer.decode(new)
+    assert split + sum("\ufffd" in engine.tokenizer.decode([t]) for t in new) > 0
 
 
 def test_defaults_come_from_the_generation_config(engine):
@@ -81,6 +92,29 @@ def test_defaults_come_from_the_generation_config(engine):
     first = greedy[3]   # make the 4th greedy token a stop token: the text ends before it
     assert engine.complete("Hello", 24, stop_tokens=[first], **GREEDY) == engine.tokenizer.decode(
         greedy[:greedy.index(first)])
+
+
+def test_token_id_generation_stops_at_the_generation_config_stop_tokens(engine, text_checkpoint, tmp_path):
+    """`generate` / `stream` without stop_tokens stop where the text API does: at generation_config.json's
+    eos_token_id (here one that config.json's eos, the spec's, does not name)."""
+    from l4compile.build import BuildOptions, build
+    from l4compile.hf import HFCheckpoint, load_hf_config, spec_from_hf_config
+    from tests.text.llama4_tokenizer import save_tokenizer
+    ids = engine.encode_prompt("Hello")
+    greedy = engine.generate(ids[None], 12, stop_tokens=())[0, len(ids):].tolist()
+    stop = next(t for i, t in enumerate(greedy) if i >= 3 and t not in greedy[:i])
+    config, file = load_hf_config(text_checkpoint)
+    spec = spec_from_hf_config(config, "tiny-text", str(file))
+    tokenizer = save_tokenizer(tmp_path / "tokenizer", generation={"eos_token_id": stop})
+    build(spec, tmp_path / "b", HFCheckpoint.for_spec(text_checkpoint, spec), BuildOptions(tokenizer=str(tokenizer)),
+          log=lambda _: None)
+    other = Engine.load(tmp_path / "b")
+    assert other.default_stop_tokens == (stop,) and stop not in other.manifest.tokens["eos"]
+    until_stop = ids.tolist() + greedy[:greedy.index(stop) + 1]
+    assert other.generate(ids[None], 12, temperature=0.0)[0].tolist() == until_stop
+    assert other.generate([ids], 12, temperature=0.0)[0].tolist() == until_stop
+    assert list(other.stream(ids, 12)) == greedy[:greedy.index(stop) + 1]
+    assert other.complete("Hello", 12, temperature=0.0) == engine.tokenizer.decode(greedy[:greedy.index(stop)])
 
 
 def test_generate_text_rows_equal_single_prompts(engine):
@@ -124,16 +158,36 @@ def test_build_without_a_tokenizer_names_the_fix(built_tiny):
     assert engine.generate(np.array([[1, 2, 3]]), 4).shape == (1, 7)
 
 
-def test_ragged_text_batch_equals_single_prompts(engine, monkeypatch):
+def generate_recording_logits(engine, monkeypatch, ids, new_tokens: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """`engine.generate(ids, new_tokens)` (greedy, no stop tokens) -> (its rows, each row's logits [new, vocab]: those
+    each of its new tokens was chosen from), the logits read from the Engine's steps (prefills, then decode steps)."""
+    steps = []
+    step = engine.step
+    monkeypatch.setattr(engine, "step", lambda *a, **k: steps.append(step(*a, **k)[:, -1]) or steps[-1][:, None])
+    out = engine.generate(ids, new_tokens, temperature=0.0, stop_tokens=())
+    monkeypatch.undo()
+    rows = len(out)
+    prefills, decodes = steps[:rows] if isinstance(ids, list) else [steps[0]], steps[len(steps) - new_tokens + 1:]
+    prefill = np.concatenate(prefills)
+    return list(out), [np.stack([prefill[b]] + [d[b] for d in decodes]) for b in range(rows)]
+
+
+def test_ragged_text_batch_equals_single_prompts(engine, hf_model, monkeypatch):
     """4 prompts of 7, 8, 10 and 17 tokens (chunk 8: before, at and after the first boundary, past the second)
-    run as one ragged `generate` call: tokens identical to the four single-prompt runs, and so are the texts."""
+    run as one ragged `generate` call: tokens identical to the four single-prompt runs, every logit within 1e-4
+    of theirs and of transformers' forward over the generated text; and so are the texts."""
+    from tests.hf.conftest import hf_logits
     words = "The capital of France is Paris and the capital of Japan is Tokyo , said the compiler".split()
     prompts = [" ".join(words[:n]) for n in (6, 7, 8, 14)]
     rows = [engine.encode_prompt(p) for p in prompts]
     assert [len(r) for r in rows] == [7, 8, 10, 17]
-    ragged = engine.generate(rows, 20, temperature=0.0, stop_tokens=())
-    for row, out in zip(rows, ragged):
-        np.testing.assert_array_equal(out, engine.generate(row[None], 20, stop_tokens=())[0])
+    ragged, ragged_logits = generate_recording_logits(engine, monkeypatch, rows, 20)
+    for row, out, logits in zip(rows, ragged, ragged_logits):
+        (alone,), (alone_logits,) = generate_recording_logits(engine, monkeypatch, row[None], 20)
+        np.testing.assert_array_equal(out, alone)
+        np.testing.assert_allclose(logits, alone_logits, atol=1e-4, rtol=0)
+        np.testing.assert_allclose(logits, hf_logits(hf_model, out[None, :-1])[0, len(row) - 1:], atol=1e-4, rtol=0)
+        assert len(out) == len(row) + 20 and (logits.argmax(-1) == out[len(row):]).all()
 
     calls = []
     generate = engine.generate
