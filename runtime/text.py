@@ -53,15 +53,17 @@ def load_tokenizer(files: Mapping[str, Path]) -> "Tokenizer":
 
 
 def chat_template_source(files: Mapping[str, Path], tokenizer: "Tokenizer") -> str | None:
-    """The chat template's Jinja source: the `chat_template` file's (.jinja, or .json with a "chat_template" key),
-    else tokenizer_config.json's (of named templates, the "default" one); None when there is none."""
-    source = None
-    if "chat_template" in files:
-        path = files["chat_template"]
-        source = read_json(path).get("chat_template") if path.suffix == ".json" else path.read_text("utf-8")
-    source = source or tokenizer.config.get("chat_template")
+    """The chat template's Jinja source, where transformers' AutoTokenizer finds it: chat_template.jinja, else
+    tokenizer_config.json's (of named templates, the "default" one); else a processor's chat_template.json
+    ({"chat_template": ...}); None when there is none."""
+    path = files.get("chat_template")
+    if path is not None and path.suffix == ".jinja" and path.read_text("utf-8"):
+        return path.read_text("utf-8")
+    source = tokenizer.config.get("chat_template")
     if isinstance(source, list):   # named templates, as tokenizer_config.json may hold them
         source = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}.get("default")
+    if not source and path is not None:
+        source = read_json(path).get("chat_template")
     return source if isinstance(source, str) and source else None
 
 

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from l4compile.errors import BuildError
+from l4compile.runtime.chat import ChatTemplate
 from l4compile.runtime.text import chat_template_source, find_text_files, load_tokenizer
 from l4compile.tokenizer_files import check_tokenizer, find_tokenizer, tokenizer_source
 from tests.text.llama4_tokenizer import model_vocab, save_tokenizer
@@ -32,6 +33,30 @@ def test_named_templates_give_the_default_one(tmp_path):
     files = find_text_files(directory)
     assert "chat_template" not in files
     assert chat_template_source(files, load_tokenizer(files)) == "plain"
+
+
+def test_a_processors_chat_template_json_comes_after_tokenizer_config(tmp_path):
+    """Llama 4's checkpoints keep the template in tokenizer_config.json and in the processor's chat_template.json:
+    AutoTokenizer reads chat_template.jinja, else tokenizer_config.json's; chat_template.json alone is used too."""
+    from transformers import AutoTokenizer
+    directory = save_tokenizer(tmp_path / "tok", template_in_config=True)
+    (directory / "chat_template.json").write_text(json.dumps({"chat_template": "processor's {{ bos_token }}"}))
+    files = find_text_files(directory)
+    assert files["chat_template"].name == "chat_template.json"
+    messages = [{"role": "user", "content": "Hi"}]
+    hf = AutoTokenizer.from_pretrained(directory).apply_chat_template(messages, tokenize=False)
+    source = chat_template_source(files, load_tokenizer(files))
+    assert source == json.loads((directory / "tokenizer_config.json").read_text())["chat_template"]
+    assert ChatTemplate(source, load_tokenizer(files).special_tokens).render(messages, False) == hf
+
+    config = json.loads((directory / "tokenizer_config.json").read_text())
+    del config["chat_template"]
+    (directory / "tokenizer_config.json").write_text(json.dumps(config))
+    assert chat_template_source(files, load_tokenizer(files)) == "processor's {{ bos_token }}"
+    (directory / "chat_template.jinja").write_text("jinja's")
+    files = find_text_files(directory)
+    assert files["chat_template"].name == "chat_template.jinja"
+    assert chat_template_source(files, load_tokenizer(files)) == "jinja's"
 
 
 def test_the_build_refuses_a_template_the_runtime_could_not_compile(tokenizer_dir, tmp_path):
