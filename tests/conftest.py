@@ -11,6 +11,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SPECS = ROOT / "specs"
 TINY_SPECS = ("tiny-scout", "tiny-maverick")
+# chunk_size is 8 and floor_scale 4 in both tiny specs: below, equal to and several times the chunk,
+# all past the first temperature floor step (p + 1 >= 4), one past several steps.
+SEQ_LENS = (5, 8, 24, 41)
 
 # Progress lines of a command's first INTERVAL seconds are held (l4compile.progress): on a busy test
 # machine a quick command can take more than the default 5 s, and its error must still be its one line.
@@ -44,4 +47,20 @@ def built_tiny(tmp_path_factory):
             build(load(name), out, RandomWeights(0), BuildOptions(), log=lambda _: None)
             cache[name] = out
         return cache[name]
+    return get
+
+
+@pytest.fixture(scope="session")
+def torch_reference():
+    """name -> the torch module of that tiny spec's straight lowering (random weights, seed 0): the reference
+    the builds are held to."""
+    from l4compile.emit.torch_module import GraphModule
+    from l4compile.lower import lower
+    from l4compile.weights import RandomWeights
+    modules = {}
+
+    def get(name: str):
+        if name not in modules:
+            modules[name] = GraphModule(lower(load(name), kv_cache=False), RandomWeights(0)).eval()
+        return modules[name]
     return get

@@ -6,35 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from l4compile.emit.torch_module import GraphModule
 from l4compile.lower import lower
 from l4compile.runtime import Engine
 from l4compile.weights import RandomWeights
-from tests.conftest import TINY_SPECS, load, token_ids
-
-# chunk_size is 8 and floor_scale 4 in both tiny specs: below, equal to and several times the chunk,
-# all past the first temperature floor step (p + 1 >= 4), one past several steps.
-SEQ_LENS = (5, 8, 24, 41)
-
-
-@pytest.fixture(scope="module")
-def reference():
-    modules = {}
-
-    def get(name: str) -> GraphModule:
-        if name not in modules:
-            modules[name] = GraphModule(lower(load(name), kv_cache=False), RandomWeights(0)).eval()
-        return modules[name]
-    return get
-
+from tests.conftest import SEQ_LENS, TINY_SPECS, load, token_ids
 
 @pytest.mark.parametrize("name", TINY_SPECS)
 @pytest.mark.parametrize("seq", SEQ_LENS)
-def test_onnx_matches_torch(name, seq, built_tiny, reference):
+def test_onnx_matches_torch(name, seq, built_tiny, torch_reference):
     ids = token_ids(2, seq, seed=seq)
     got = Engine.load(built_tiny(name)).logits(ids)
     with torch.no_grad():
-        want = reference(name)(torch.from_numpy(ids)).numpy()
+        want = torch_reference(name)(torch.from_numpy(ids)).numpy()
     assert got.shape == (2, seq, 256) and got.dtype == np.float32
     assert np.abs(want).max() > 0.1  # the comparison is between non-trivial logits
     np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
