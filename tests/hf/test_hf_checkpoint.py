@@ -134,7 +134,7 @@ def test_corrupt_header_entry_names_the_tensor(checkpoint):
     at = raw.index(b'"F32"', raw.index(Q.encode()))
     raw[at:at + 5] = b'"F16"'  # a dtype whose size does not match the entry's byte range
     path.write_bytes(bytes(raw))
-    with pytest.raises(WeightError, match=rf"tensor {Q} in .*: corrupt header entry"):
+    with pytest.raises(WeightError, match=rf"tensor {Q} in .*model.safetensors: corrupt header entry"):
         HFCheckpoint(checkpoint)
 
 

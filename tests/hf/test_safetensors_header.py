@@ -90,7 +90,7 @@ def test_layout_must_cover_the_data_exactly(original, tmp_path):
     with pytest.raises(WeightError, match="8 bytes after the last tensor"):
         read_header(path)
     path.write_bytes(join(header, data[:-4]))
-    with pytest.raises(WeightError, match="tensor c in .*: file is truncated"):
+    with pytest.raises(WeightError, match="tensor c in .*bad.safetensors: file is truncated"):
         read_header(path)
 
 

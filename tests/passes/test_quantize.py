@@ -23,7 +23,7 @@ from l4compile.errors import PassError
 from l4compile.ir import Graph, TensorType, print_ir
 from l4compile.lower import lower
 from l4compile.passes import PassManager
-from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4
+from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4, QuantizeINT8
 from l4compile.passes.quantize_activations import UNCALIBRATED, QuantizeActivationsFP8
 from l4compile.quant.calibrate import Calibration, reference_inputs
 from l4compile.quant.report import compare_builds, format_comparison, logits_agreement
@@ -216,7 +216,7 @@ def test_router_norms_and_embeddings_stay_high_precision():
 def test_quantizing_twice_is_refused():
     g = small()
     PassManager([QuantizeFP8()]).run(g)
-    for again in (QuantizeFP8(), QuantizeINT4()):
+    for again in (QuantizeFP8(), QuantizeINT4(), QuantizeINT8()):
         with pytest.raises(PassError, match=rf"pass {again.name} refused: it requires weights-unquantized .* "
                                             r"1 weight\(s\) are already quantized \(w\)"):
             PassManager([again]).run(g)

@@ -64,7 +64,11 @@ def test_build_with_tokenizer_from_a_spec(tokenizer_dir, tmp_path):
     spec.write_text(spec_path("tiny-scout").read_text().replace("vocab_size: 256", "vocab_size: 512"))
     r = cli("build", spec, "--weights", "random", "--tokenizer", tokenizer_dir, "-o", tmp_path / "b")
     assert r.returncode == 0, r.stderr
-    assert Engine.load(tmp_path / "b").complete("Hello", 3, temperature=0) is not None
+    from transformers import AutoTokenizer
+    engine, given = Engine.load(tmp_path / "b"), AutoTokenizer.from_pretrained(tokenizer_dir)
+    prompt = "Hello, world: the given tokenizer travelled into the build"
+    assert engine.encode_prompt(prompt).tolist() == given(prompt)["input_ids"]
+    assert isinstance(engine.complete("Hello", 3, temperature=0), str)
     r = cli("build", spec_path("tiny-scout"), "--weights", "random", "--tokenizer", tokenizer_dir, "-o", tmp_path / "c")
     assert r.returncode == 1 and re.search("the tokenizer has 4[0-9]{2} tokens but the model's vocabulary is 256",
                                            r.stderr)
