@@ -35,6 +35,7 @@ from typing import IO, Any, Iterator
 QUIET, NORMAL, VERBOSE = 0, 1, 2
 INTERVAL_ENV = "L4COMPILE_PROGRESS_INTERVAL"
 TERMINAL_INTERVAL, PLAIN_INTERVAL = 0.5, 5.0
+UNSIZED_TERMINAL = (80, 24)   # columns, rows
 
 
 @dataclass
@@ -78,6 +79,7 @@ class Task:
         self.start = time.monotonic()
         self.last_draw = self.start
         self.bar: Any = None
+        self.ticked = False               # the ticker drew the bar (tqdm does not know: see Progress._finish)
         self.start_line: str | None = None
         self.done = False
 
@@ -95,11 +97,11 @@ class Task:
         self.record.size += size
         self.item = item
         if self.bar is not None:
-            self.bar.update(size if self.size_total else n)
             now = time.monotonic()
-            if now - self.last_draw >= self.progress.interval:
+            if now - self.last_draw >= self.progress.interval:   # the postfix first: the update may draw
                 self.last_draw = now
                 self.bar.set_postfix_str(self._secondary(), refresh=False)
+            self.bar.update(size if self.size_total else n)
         elif self.live and self.progress.plain and not self._complete():
             now = time.monotonic()
             if now - self.last_draw >= self.progress.interval:
@@ -317,9 +319,13 @@ class Progress:
                          "{rate_noinv_fmt}{postfix}]"
         else:
             bar_format = "{desc}: {n_fmt}{unit} [{elapsed}, {rate_noinv_fmt}{postfix}]"
+        # A terminal that does not give its size (0 x 0: `script`, some containers and CI consoles) would get
+        # nothing from tqdm: such a terminal gets a fixed one.
+        sized = _terminal_columns(self.stream) > 0
         return tqdm(total=total, desc=f"{'  ' * task.depth}{record.name}", unit=unit, unit_scale=bool(task.size_total),
                     leave=False, file=self.stream, mininterval=self.interval, delay=self.interval,
-                    dynamic_ncols=True, bar_format=bar_format)
+                    dynamic_ncols=sized, ncols=None if sized else UNSIZED_TERMINAL[0],
+                    nrows=None if sized else UNSIZED_TERMINAL[1], bar_format=bar_format)
 
     def _line(self, text: str) -> None:
         with self._lock:
@@ -354,6 +360,8 @@ class Progress:
             if task in self._open:
                 self._open.remove(task)
             if task.bar is not None:
+                if task.ticked:     # tqdm clears only a bar it drew itself (by update, not by our refresh)
+                    task.bar.clear()
                 task.bar.close()
                 task.bar = None
             if self.verbosity == QUIET or (failed and not self.plain):
@@ -378,19 +386,28 @@ class Progress:
         self._ticker.start()
 
     def _tick(self) -> None:
-        period = max(self.interval, 0.5)
+        period = self._tick_period()
         while not self._stop.wait(period):
-            with self._lock:
-                if not self._open:
-                    continue
-                now = time.monotonic()
-                for task in self._open:
-                    if task.bar is not None and now - task.start >= self.interval:
-                        task.bar.refresh()
-                task = self._open[-1]
-                if self.plain and task.live and now - task.last_draw >= period:
-                    task.last_draw = now
-                    self._line(task.status_line())
+            self._tick_once()
+
+    def _tick_period(self) -> float:
+        return max(self.interval, 0.5)
+
+    def _tick_once(self) -> None:
+        """One tick of the ticker thread: redraw the open bars; a plain status line of the innermost phase
+        if it has said nothing for a tick period."""
+        with self._lock:
+            if not self._open:
+                return
+            now = time.monotonic()
+            for task in self._open:
+                if task.bar is not None and now - task.start >= self.interval:
+                    task.bar.refresh()
+                    task.ticked = True
+            task = self._open[-1]
+            if self.plain and task.live and now - task.last_draw >= self._tick_period():
+                task.last_draw = now
+                self._line(task.status_line())
 
 
 _CURRENT: contextvars.ContextVar[Progress | None] = contextvars.ContextVar("l4compile_progress", default=None)
@@ -460,6 +477,14 @@ def _isatty(stream: IO[str]) -> bool:
         return bool(stream.isatty())
     except (AttributeError, ValueError):
         return False
+
+
+def _terminal_columns(stream: IO[str]) -> int:
+    """The width the terminal reports, 0 where it reports none."""
+    try:
+        return os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        return 0
 
 
 def _env_interval() -> float | None:

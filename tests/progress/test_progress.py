@@ -2,7 +2,14 @@
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
+import pty
+import re
+import struct
+import termios
+import threading
 import time
 
 import pytest
@@ -102,6 +109,79 @@ def test_updates_are_cheap_lines_at_most_once_per_interval():
     elapsed = time.monotonic() - start
     lines = stream.getvalue().splitlines()
     assert len(lines) <= 2 + elapsed / 1.0 + 1     # start, end, and one status line per interval at most
+
+
+class Terminal:
+    """A pseudo-terminal of the given size (0 x 0: one that does not say, as under `script`) as a Progress
+    stream; `screen_lines()` is what it shows, line by line (each line's text after its last carriage return)."""
+
+    def __init__(self, columns: int, rows: int) -> None:
+        self.master, slave = pty.openpty()
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
+        attrs = termios.tcgetattr(slave)
+        attrs[1] &= ~termios.OPOST           # "\n" stays "\n"
+        termios.tcsetattr(slave, termios.TCSANOW, attrs)
+        self.stream = os.fdopen(slave, "w", encoding="utf-8")
+        self.chunks: list[bytes] = []
+        self.reader = threading.Thread(target=self._read, daemon=True)
+        self.reader.start()
+
+    def _read(self) -> None:
+        while True:
+            try:
+                chunk = os.read(self.master, 65536)
+            except OSError:                  # EIO: the writer side has closed
+                return
+            if not chunk:
+                return
+            self.chunks.append(chunk)
+
+    def close(self) -> str:
+        """Everything written to the terminal."""
+        if not self.stream.closed:
+            self.stream.close()
+            self.reader.join()
+            os.close(self.master)
+        return b"".join(self.chunks).decode()
+
+    @staticmethod
+    def screen_lines(text: str) -> list[str]:
+        return [line.split("\r")[-1] for line in text.split("\n")]
+
+
+@pytest.fixture
+def terminal():
+    opened: list[Terminal] = []
+    yield lambda columns=120, rows=40: opened.append(Terminal(columns, rows)) or opened[-1]
+    for t in opened:
+        t.close()
+
+
+@pytest.mark.parametrize("size", [(120, 40), (0, 0)], ids=["sized", "unsized"])
+def test_a_terminal_gets_a_bar_with_count_rate_and_time_left_whatever_size_it_gives(terminal, size):
+    terminal = terminal(*size)
+    progress = Progress(terminal.stream, interval=0.0)
+    assert progress.interactive
+    with progress.activate():
+        with current().phase("calibrate", total=4, unit="batch", size_total=400, size_unit="token") as task:
+            for _ in range(4):
+                task.advance(1, 100)
+    text = terminal.close()
+    bars = [part for part in re.split(r"[\r\n]", text) if part.startswith("calibrate:")]
+    assert bars, text
+    assert re.search(r"calibrate: +100%\|.*\| 400/400 \[[\d:]+<[\d:]+, [\d.]+[kMG]? tokens/s, 4/4 batches\]", bars[-1]), bars
+    assert re.match(r"calibrate +[\d.]+ s  4 batches, 400 tokens", Terminal.screen_lines(text)[0]), text
+
+
+def test_a_bar_only_the_ticker_drew_is_cleared_before_its_end_line(terminal):
+    terminal = terminal()
+    progress = Progress(terminal.stream, interval=0.0)
+    with progress.activate():
+        with current().phase("load reference"):
+            progress._tick_once()            # what the ticker thread does while a phase reports nothing
+    text = terminal.close()
+    assert "load reference ... 00:00" in text
+    assert re.fullmatch(r"load reference +[\d.]+ s", Terminal.screen_lines(text)[0]), text
 
 
 def test_format_seconds():
