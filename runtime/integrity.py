@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import BinaryIO, Mapping
+from typing import BinaryIO, Callable, Mapping
 
 from l4compile.runtime.errors import BuildDirError
 
@@ -40,11 +40,14 @@ class HashingWriter:
         return self.sha256.hexdigest()
 
 
-def sha256_of(path: Path) -> str:
+def sha256_of(path: Path, on_bytes: Callable[[int], None] | None = None) -> str:
+    """The file's sha256; `on_bytes` hears of each chunk read (a progress bar's bytes)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(HASH_CHUNK):
             digest.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return digest.hexdigest()
 
 
@@ -76,8 +79,10 @@ def record(directory: Path, known: Mapping[str, str] | None = None,
 
 
 def check(directory: Path, records: Mapping[str, dict] | None, required: Mapping[str, str],
-          checksums: bool = False) -> None:
-    """BuildDirError naming the first file that is missing, of the wrong size or (with `checksums`) damaged."""
+          checksums: bool = False, on_bytes: Callable[[int], None] | None = None,
+          on_file: Callable[[str], None] | None = None) -> None:
+    """BuildDirError naming the first file that is missing, of the wrong size or (with `checksums`) damaged.
+    While checksumming, `on_bytes` hears of the bytes read and `on_file` of each file checked."""
     directory = Path(directory)
     for role, name in required.items():
         if not (directory / name).is_file():
@@ -92,5 +97,7 @@ def check(directory: Path, records: Mapping[str, dict] | None, required: Mapping
                                 f"({'truncated' if size < info['bytes'] else 'grown'}; rebuild it)")
     if checksums:
         for name, info in (records or {}).items():
-            if sha256_of(directory / name) != info["sha256"]:
+            if sha256_of(directory / name, on_bytes) != info["sha256"]:
                 raise BuildDirError(f"{directory / name}: checksum mismatch: the file is damaged (rebuild it)")
+            if on_file is not None:
+                on_file(name)

@@ -168,3 +168,21 @@ def test_sharded_dry_run_json(capsys, monkeypatch):
     names = [p["name"] for p in report["phases"]]
     assert names[:2] == ["load spec", "compile rank 0"] and "emit and check rank 1" in names
     assert err.splitlines()[-1].startswith("build finished in ")
+
+
+def test_verify_counts_files_and_bytes_and_json(built_tiny, capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    build = str(built_tiny("tiny-scout"))
+    assert main(["verify", build, "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    assert report["command"] == "verify" and report["total_bytes"] == sum(report["files"].values()) > 0
+    (phase,) = report["phases"]
+    assert phase["name"] == "checksums" and phase["count"] == len(report["files"]) and \
+        phase["size"] == report["total_bytes"]
+    assert re.search(r"^checksums: 1/\d+ files, .* of .*B, .*B/s, .* elapsed, about .* left$", err, re.M), err
+    assert re.search(r"^checksums +[\d.]+ s  \d+ files, ", err, re.M) and err.splitlines()[-1].startswith(
+        "verify finished in ")
+    assert main(["verify", build, "-q"]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "sha256 checksums match" in out
