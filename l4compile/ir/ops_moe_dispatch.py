@@ -72,7 +72,9 @@ class MoEDispatch(Op):
         return [out.reshape(x.shape)]
 
     def onnx(self, b, inputs, attrs, types):
-        lowering = {"gather": _gather, "grouped": _grouped, "auto": _auto, "ort": _ort_moe}[attrs["impl"]]
+        if attrs["impl"] == "ort":
+            return [_ort_moe(b, inputs, attrs, types)]
+        lowering = {"gather": _gather, "grouped": _grouped, "auto": _auto}[attrs["impl"]]
         out = lowering(b, _Routing(b, inputs, attrs, types))
         return [b.node("Reshape", [out, b.node("Shape", [inputs[0]])])]
 
@@ -89,7 +91,6 @@ class _Routing:
         self.offset = attrs.get("expert_offset", 0)
         self.router_n = types[1].shape[-1]
         self.gather_max_tokens = attrs.get("gather_max_tokens", 8)
-        self.ort_parts = ort_parts(self.inner, attrs.get("ort_parts", 1))
         self.tokens = b.node("Reshape", [x, b.int64s(-1, self.hidden)])
         self.logits = b.node("Reshape", [logits, b.int64s(-1, self.router_n)])
         selecting = self.logits if self.dtype == "float32" else b.node("Cast", [self.logits], to=1)
@@ -178,32 +179,49 @@ def _auto(b: OnnxBuilder, r: _Routing) -> str:
     return b.node("If", [few], then_branch=branches[0], else_branch=branches[1])
 
 
-def _ort_moe(b: OnnxBuilder, r: _Routing) -> str:
-    e, h, f = r.experts_n, r.hidden, r.inner
-    s = r.ort_parts
-    routed_in = b.node("Mul", [r.tokens, r.scores])                                       # top-1: [N, H] * [N, 1]
+def _ort_moe(b: OnnxBuilder, inputs: list[str], attrs: dict, types: list[TensorType]) -> str:
+    x, logits, gate_up, down = inputs
+    e, h, f2 = types[2].shape
+    f, s = f2 // 2, ort_parts(f2 // 2, attrs.get("ort_parts", 1))
     # onnxruntime's CPU MoE runs each expert on one thread (its threads split the experts), so a
     # decode step, one token on one expert, would use one core. Each expert is split into `s` parts
     # along its inner axis (part p of expert e is op expert p*E + e; a SwiGLU MLP is the sum of its
-    # parts), all `s` parts are routed (k = s), and the op's threads share the token's work. Router
-    # values: 0 at the chosen expert's parts, -inf elsewhere; unnormalised, each part's weight is
-    # softmax = 1/s exactly (s is a power of two), and the sum is scaled back by s, exactly.
-    rows = b.node("Slice", [b.node("Shape", [r.tokens]), b.int64s(0), b.int64s(1)])
-    neg_inf = onnx.helper.make_tensor("value", ONNX_DTYPES[r.dtype], [1], [float("-inf")])
-    router = b.node("ConstantOfShape", [b.node("Concat", [rows, b.int64s(s * e)], axis=0)], value=neg_inf)
-    parts = b.node("Add", [r.experts, b.const([p * e for p in range(s)], "int64")])      # [N, s]
-    router = b.node("ScatterElements", [router, parts, _filled(b, parts, r.dtype, 0)], axis=-1)
+    # parts), all `s` parts are routed (k = s), and the op's threads share the token's work. Each
+    # part's weight is softmax = 1/s exactly (s is a power of two), and the sum is scaled back by s.
+    routed_in, router = ort_routing(b, x, logits, types[0].dtype, e, repeat=s)
     # The op wants fc1 [E', 2F', H] with gate and up interleaved per row, fc2 [E', H, F'] (E' = s*E
     # parts of F' = F/s); onnxruntime folds these reshapes and transposes of the weights once, when
     # the session is created.
-    fc1 = b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [r.gate_up, b.int64s(e, h, 2, s, f // s)])],
+    fc1 = b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [gate_up, b.int64s(e, h, 2, s, f // s)])],
                                     perm=[3, 0, 4, 2, 1]), b.int64s(s * e, 2 * f // s, h)])
-    fc2 = b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [r.down, b.int64s(e, s, f // s, h)])],
+    fc2 = b.node("Reshape", [b.node("Transpose", [b.node("Reshape", [down, b.int64s(e, s, f // s, h)])],
                                     perm=[1, 0, 3, 2]), b.int64s(s * e, h, f // s)])
     out = b.node("MoE", [routed_in, router, fc1, "", fc2], domain="com.microsoft", k=s,
                  activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=0,
                  activation_alpha=1.0, activation_beta=0.0)
-    return out if s == 1 else b.node("Mul", [out, b.const(float(s), r.dtype)])
+    return out if s == 1 else b.node("Mul", [out, b.const(float(s), types[0].dtype)])
+
+
+def ort_routing(b: OnnxBuilder, x: str, logits: str, dtype: str, experts: int, repeat: int = 1) -> tuple[str, str]:
+    """Top-1 routing as onnxruntime's MoE and QMoE (normalize_routing_weights 0) compute Llama 4's:
+    x [B, S, H], logits [B, S, E] -> the op's input x * sigmoid(top logit) [B, S, H] and router values
+    [B*S, repeat*E]: 0 at the chosen expert (and at its copies e + r*E), -inf elsewhere, so that the
+    op's softmax gives each of the `repeat` routes the weight 1/repeat exactly (repeat a power of two).
+    Ties go to the lowest expert index (TopK), as torch.topk's do."""
+    selecting = logits if dtype == "float32" else b.node("Cast", [logits], to=1)   # TopK has no bfloat16 kernel
+    top_value, chosen = b.node("TopK", [selecting, b.int64s(1)], n_out=2, axis=-1)  # [B, S, 1]
+    scores = b.node("Sigmoid", [top_value])
+    if dtype != "float32":
+        scores = b.node("Cast", [scores], to=ONNX_DTYPES[dtype])
+    routed_in = b.node("Mul", [x, scores])
+    router = b.node("OneHot", [chosen, b.const(experts, "int64"), b.const([float("-inf"), 0.0], "float32")],
+                    axis=-1)                                                           # [B, S, 1, E]
+    router = b.node("Reshape", [router, b.int64s(-1, experts)])
+    if repeat > 1:
+        router = b.node("Tile", [router, b.int64s(1, repeat)])
+    if dtype != "float32":
+        router = b.node("Cast", [router], to=ONNX_DTYPES[dtype])
+    return routed_in, router
 
 
 def ort_parts(inner: int, parts: int) -> int:

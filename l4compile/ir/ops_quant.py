@@ -13,6 +13,7 @@ import numpy as np
 import onnx.helper
 
 from l4compile.ir.op import ONNX_DTYPES, Op, expect, get_op, register
+from l4compile.ir.ops_moe_dispatch import ort_routing
 from l4compile.ir.types import TensorType
 from l4compile.quant.schemes import FP8_MAX
 
@@ -232,7 +233,9 @@ class MoEDispatchNBits(Op):
     def onnx(self, b, inputs, attrs, types):
         x, logits = inputs[:2]
         experts, k = _ExpertsNBits(inputs[2:], types, attrs), attrs["top_k"]
-        dtype = types[0].dtype
+        dtype, block = types[0].dtype, attrs["block_size"]
+        if attrs.get("impl") == "ort" and k == 1 and experts.hidden % block == 0 and experts.inner % block == 0:
+            return [_ort_qmoe(b, experts, x, logits, dtype)]
         tokens = b.node("Reshape", [x, b.int64s(-1, experts.hidden)])                  # [N, H]
         per_token = b.node("Reshape", [logits, b.int64s(-1, experts.experts)])        # [N, E]
         if dtype != "float32":   # TopK has no bfloat16 kernel; the selection is unchanged in float32
@@ -241,11 +244,7 @@ class MoEDispatchNBits(Op):
         scores = b.node("Sigmoid", [top_value])
         if dtype != "float32":
             scores = b.node("Cast", [scores], to=ONNX_DTYPES[dtype])
-        block = attrs["block_size"]
-        if attrs.get("impl") == "ort" and k == 1 and experts.hidden % block == 0 and experts.inner % block == 0:
-            out = _ort_qmoe(b, experts, tokens, per_token, chosen, scores, dtype)
-        else:
-            out = self._unrolled(b, experts, tokens, chosen, scores, k, dtype)
+        out = self._unrolled(b, experts, tokens, chosen, scores, k, dtype)
         return [b.node("Reshape", [out, b.node("Shape", [x])])]
 
     @staticmethod
@@ -270,25 +269,20 @@ class MoEDispatchNBits(Op):
         return acc
 
 
-def _ort_qmoe(b, experts: _ExpertsNBits, tokens: str, logits: str, chosen: str, scores: str, dtype: str) -> str:
-    """Top-1 through onnxruntime's com.microsoft QMoE (4- or 8-bit blocks, CPU and CUDA), as `moe_dispatch`'s
-    impl "ort" uses MoE: the input is pre-scaled by sigmoid(top logit) and routed by a one-hot of the chosen
-    expert, so the normalised routing weight is exactly 1.0; SwiGLU with alpha 1, beta 0 is silu(gate) * up."""
+def _ort_qmoe(b, experts: _ExpertsNBits, x: str, logits: str, dtype: str) -> str:
+    """Top-1 through onnxruntime's com.microsoft QMoE (4- or 8-bit blocks, CPU and CUDA), routed as
+    `moe_dispatch`'s impl "ort" routes MoE (ort_routing): the input pre-scaled by sigmoid(top logit), the
+    chosen expert's routing weight exactly 1.0; SwiGLU with alpha 1, beta 0 is silu(gate) * up."""
     e, h, f = experts.experts, experts.hidden, experts.inner
-    routed_in = b.node("Mul", [tokens, scores])                                           # [N, H] * [N, 1]
-    zeros = b.node("ConstantOfShape", [b.node("Shape", [logits])],
-                   value=onnx.helper.make_tensor("zero", ONNX_DTYPES[dtype], [1], [0]))
-    ones = b.node("ConstantOfShape", [b.node("Shape", [chosen])],
-                  value=onnx.helper.make_tensor("one", ONNX_DTYPES[dtype], [1], [1]))
-    one_hot = b.node("ScatterElements", [zeros, chosen, ones], axis=-1)
+    routed_in, router = ort_routing(b, x, logits, dtype, e)
     # QMoE wants fc1 rows gate and up interleaved (swiglu_fusion 1): a row permutation of the codes
     # and scales, folded by onnxruntime when the session is created.
     interleave = b.const(np.stack([np.arange(f), f + np.arange(f)], axis=1).reshape(-1), "int64")
     fc1 = b.node("Reshape", [b.node("Gather", [experts.gate_up, interleave], axis=1), b.int64s(e, 2 * f, -1)])
     fc1_scales = b.node("Gather", [experts.gate_up_scale, interleave], axis=1)
     fc2 = b.node("Reshape", [experts.down, b.int64s(e, h, -1)])
-    return b.node("QMoE", [routed_in, one_hot, fc1, fc1_scales, "", fc2, experts.down_scale], domain=MS_DOMAIN, k=1,
-                  activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=1, activation_alpha=1.0,
+    return b.node("QMoE", [routed_in, router, fc1, fc1_scales, "", fc2, experts.down_scale], domain=MS_DOMAIN, k=1,
+                  activation_type="swiglu", swiglu_fusion=1, normalize_routing_weights=0, activation_alpha=1.0,
                   activation_beta=0.0, expert_weight_bits=experts.nbits["bits"], block_size=experts.nbits["block_size"],
                   accuracy_level=experts.nbits["accuracy_level"])
 
