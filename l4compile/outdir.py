@@ -78,8 +78,10 @@ def check_replaceable(out_dir: Path, force: bool = False, flag: str = "--force")
     BuildError naming the path and `flag`; with `force` it is replaced, and the notice says what goes.
     """
     out_dir = Path(out_dir)
+    check_named(out_dir)
     if not out_dir.exists() and not out_dir.is_symlink():
         return None
+    refuse_current_directory(out_dir, flag)
     if not out_dir.is_dir() or out_dir.is_symlink():
         if force:
             return f"replacing {out_dir} ({flag})"
@@ -109,6 +111,17 @@ def check_replaceable(out_dir: Path, force: bool = False, flag: str = "--force")
                      f"or pass {flag})")
 
 
+def refuse_current_directory(out_dir: Path, flag: str | None = None) -> None:
+    """The working directory or one above it (`-o .`, `-o ..`, `-o /`) is never replaced, even with `flag`: the
+    swap would leave this process, and the shell that started it, in a deleted directory."""
+    where = Path(os.path.realpath(out_dir))
+    cwd = Path(os.path.realpath(os.getcwd()))
+    if where == cwd or where in cwd.parents:
+        even = f", even with {flag}" if flag else ""
+        raise BuildError(f"{out_dir} is the current directory or one above it; refusing to replace it{even} "
+                         "(choose another -o)")
+
+
 def _foreign(path: Path, name: str, recorded: set[str], folders: set[str]) -> bool:
     if path.is_symlink():
         return True
@@ -118,13 +131,17 @@ def _foreign(path: Path, name: str, recorded: set[str], folders: set[str]) -> bo
 
 
 def staging_dir(out_dir: Path) -> Path:
-    """A fresh temporary directory beside `out_dir`, after removing the temporaries of dead builds there."""
+    """A fresh temporary directory beside `out_dir`, after removing the temporaries of dead builds there. Its
+    permissions are those of a directory made with mkdir (mkdtemp's are 0700: a build nobody else could read)."""
     out_dir = Path(out_dir)
+    check_named(out_dir)
     parent = out_dir.absolute().parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
         remove_stale(parent)
-        return Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-{os.getpid()}-", dir=parent))
+        os.chmod(tmp, 0o777 & ~_umask())
+        return tmp
     except OSError as exc:
         raise BuildError(f"cannot create {out_dir}: {exc.strerror or exc}"
                          + (f" ({exc.filename})" if exc.filename else "")) from None
@@ -142,10 +159,23 @@ def staged(out_dir: Path, check: Callable[[Path], str | None] | None = None) -> 
         notice = check(Path(out_dir)) if check else None
         if notice:
             print(f"l4compile: {notice}", file=sys.stderr)
-        replace_dir(tmp, Path(out_dir))
+        replace_dir(tmp, Path(out_dir))   # the path `check` saw
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def check_named(out_dir: Path) -> None:
+    """The output must end in a name: `.`, `..` and `/` name no entry that the swap could rename (and checking
+    `x/..` while x is absent, then swapping once it exists, would check one directory and replace another)."""
+    if Path(out_dir).name in ("", ".", ".."):
+        raise BuildError(f"{out_dir}: the output must end in a directory name (not ., .. or /); choose another -o")
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def require_space(directory: Path, needed: int, what: str = "weights") -> None:

@@ -111,7 +111,7 @@ def export_checkpoint(spec: ModelSpec, tensors: Mapping[str, MappedTensor | Arra
     _check_replaceable(out_dir)
     shards = _shards(plans, max_shard_bytes)
     from l4compile.outdir import staged
-    with staged(out_dir) as tmp:
+    with staged(out_dir, _check_replaceable) as tmp:   # checked again before the swap
         config = hf_multimodal_config_from_spec(spec, dtype) if multimodal else hf_config_from_spec(spec, dtype)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         with current().phase("write shards", total=len(plans), unit="tensor",
@@ -134,8 +134,11 @@ def _check_names(expected: set[str], given: set[str]) -> None:
 
 def _check_replaceable(out_dir: Path) -> None:
     """An existing `out_dir` is replaced only when it holds nothing but what an export writes (a tokenizer or
-    anything else in it would be lost)."""
-    if out_dir.exists():
+    anything else in it would be lost), and never when it is the working directory or above it."""
+    from l4compile.outdir import check_named, refuse_current_directory
+    check_named(out_dir)
+    if out_dir.exists() or out_dir.is_symlink():
+        refuse_current_directory(out_dir)
         foreign = [p.name for p in out_dir.iterdir() if not _written_by_export(p.name)] if out_dir.is_dir() else [""]
         if foreign:
             raise BuildError(f"{out_dir} exists and holds {foreign[0] or 'a file'}, which an export does not "

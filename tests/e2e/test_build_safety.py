@@ -88,6 +88,33 @@ def test_replaceable_rules(tmp_path):
         check_replaceable(old)
 
 
+@pytest.mark.parametrize("output", [".", "..", "/", "absent/..", "../work", "../work/../work"])
+def test_the_working_directory_and_nameless_outputs_are_never_replaced(output, built_tiny, tmp_path, monkeypatch,
+                                                                       capsys):
+    """`-o .` (or a path to the working directory or above it) is refused even with --force: the swap would
+    delete the user's files and leave the shell in a deleted directory. `absent/..` must not be checked as
+    absent, then swapped once the staging has created `absent`."""
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "notes.txt").write_text("keep")
+    monkeypatch.chdir(work)
+    for command in (["build", TINY, "--weights", "random", "-o", output, "--force"],
+                    ["export-hf", str(built_tiny("tiny-scout")), "-o", output]):
+        assert main(command) == 1
+        err = capsys.readouterr().err
+        assert one_line(err) and (" is the current directory" in err or "must end in a directory name" in err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
+    assert [p.name for p in work.iterdir()] == ["notes.txt"] and (work / "notes.txt").read_text() == "keep"
+
+
+def test_a_build_directory_has_the_permissions_of_mkdir(tmp_path):
+    """The staging directory comes from mkdtemp (mode 0700); the build it becomes must be readable by others
+    as any directory the user makes is (a server running as another user reads it)."""
+    build(load("tiny-scout"), tmp_path / "b", RandomWeights(0), BuildOptions(), log=lambda _: None)
+    (tmp_path / "made").mkdir()
+    assert (tmp_path / "b").stat().st_mode == (tmp_path / "made").stat().st_mode
+
+
 @pytest.mark.parametrize("name, reason", [
     ("../../escaped", "path separator"), ("a/b", "path separator"), ("..", "starts with '.'"),
     (".hidden", "starts with '.'"), ("a\\0b", "control characters"), ("x" * 300, "longer than 200 bytes"),
