@@ -199,6 +199,8 @@ def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr
             session.answer(text, stdout, notice, **options)
         except L4Error as exc:
             notice(f"error: {exc}")
+        except KeyboardInterrupt:   # before the answer began (preparing the prompt): nothing was said
+            notice("(stopped)")
 
 
 def cmd_chat(args: argparse.Namespace) -> int:

@@ -120,44 +120,138 @@ def test_ctrl_c_stops_the_answer_not_the_session(engine):
 
 
 def test_history_is_kept_within_the_context(engine):
-    notices = []
-    session = ChatSession(engine, system="Be brief.", max_new_tokens=16)
-    for turn in range(6):   # each exchange is ~60 tokens: the context of 256 holds about three
-        session.answer("tell me more " * 10 + str(turn), io.StringIO(), notices.append, temperature=0)
-        messages = session.system + session.turns
-        assert len(engine.encode_chat(messages, add_generation_prompt=False)) + 16 <= engine.max_context + 80
-    assert any("context full: forgot the" in n for n in notices)
-    assert session.turns[-2]["content"].endswith("5") and session.system[0]["content"] == "Be brief."
-    assert len(session.turns) < 12
+    """Each prompt and its answer fit the context; the oldest exchanges go first, only as many as must, and the
+    system message stays."""
+    class Recording:
+        def __init__(self) -> None:
+            self.prompts: list[list[dict]] = []
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def chat_stream(self, messages, max_new_tokens=None, **options):
+            self.prompts.append(list(messages))
+            return engine.chat_stream(messages, max_new_tokens, **options)
+
+    def length(messages: list[dict]) -> int:   # of the prompt, even beyond the context
+        return len(engine.tokenizer.encode(engine.render_chat(messages), add_special_tokens=False))
+
+    notices, recording = [], Recording()
+    session = ChatSession(recording, system="Be brief.", max_new_tokens=16)
+    history: list[dict] = []   # every exchange so far
+    for turn in range(8):   # prompts of 74-230 tokens: the context of 256 holds one to two exchanges
+        text = "tell me more " * 3 + str(turn)
+        answer = session.answer(text, io.StringIO(), notices.append, temperature=0)
+        prompt = recording.prompts[-1]
+        assert prompt[0] == {"role": "system", "content": "Be brief."} and prompt[-1]["content"] == text
+        assert length(prompt) + 16 <= engine.max_context
+        kept = prompt[1:-1]
+        assert kept == history[len(history) - len(kept):]   # the latest exchanges, whole
+        if len(kept) < len(history):   # one more exchange would not have fit
+            longer = prompt[:1] + history[len(history) - len(kept) - 2:] + prompt[-1:]
+            assert length(longer) + 16 > engine.max_context
+        history += [{"role": "user", "content": text}, {"role": "assistant", "content": answer}]
+    assert len(recording.prompts[-1]) < len(history) + 2 and max(len(p) for p in recording.prompts) >= 4
+    assert sum("context full: forgot the" in n for n in notices) >= 2
+
+
+class Terminal:
+    """A child process on a pseudo-terminal (Ctrl-C there is SIGINT to it, as in a real one), read until a text."""
+
+    def __init__(self, argv: list[str]) -> None:
+        import pty
+        self.pid, self.fd = pty.fork()
+        if self.pid == 0:  # child
+            os.execv(sys.executable, [sys.executable, *argv])
+        self.output = b""
+
+    def read_until(self, text: bytes, count: int = 1, seconds: float = 120) -> None:
+        """Read until `text` has been shown `count` times (bounded: fails after `seconds`)."""
+        deadline = time.time() + seconds
+        while self.output.count(text) < count and time.time() < deadline:
+            try:
+                self.output += os.read(self.fd, 4096)
+            except OSError:
+                break
+        assert self.output.count(text) >= count, self.output
+
+    def send(self, data: bytes) -> None:
+        os.write(self.fd, data)
+
+    def exit_status(self) -> int:
+        _, status = os.waitpid(self.pid, 0)
+        os.close(self.fd)
+        return os.WEXITSTATUS(status)
 
 
 def test_ctrl_c_at_the_prompt_of_a_real_terminal(text_build):
     """In a pty: Ctrl-C at the prompt does not end the program; an answer follows; Ctrl-D exits 0."""
-    import pty
-    pid, fd = pty.fork()
-    if pid == 0:  # child
-        os.execv(sys.executable, [sys.executable, "-m", "l4compile.cli", "chat", str(text_build),
-                                  "--max-new-tokens", "8", "--temperature", "0"])
-    output = b""
+    term = Terminal(["-m", "l4compile.cli", "chat", str(text_build), "--max-new-tokens", "8", "--temperature", "0"])
+    term.read_until(b"> ")
+    term.send(b"\x03")            # Ctrl-C: SIGINT to the foreground process
+    term.read_until(b"> ", 2)      # a fresh prompt, the program still running
+    term.send(b"Hello\n")
+    term.read_until(b"> ", 3)      # the answer, then the next prompt
+    term.send(b"\x04")            # Ctrl-D: end of input
+    assert term.exit_status() == 0, term.output
+    assert b"Hello" in term.output and b"Traceback" not in term.output
 
-    def read_until(prompts: int, seconds: float = 120) -> None:
-        """Read until the REPL has shown its "> " prompt `prompts` times."""
-        nonlocal output
-        deadline = time.time() + seconds
-        while output.count(b"> ") < prompts and time.time() < deadline:
-            try:
-                output += os.read(fd, 4096)
-            except OSError:
-                break
-        assert output.count(b"> ") >= prompts, output
 
-    read_until(1)
-    os.write(fd, b"\x03")            # Ctrl-C: SIGINT to the foreground process
-    read_until(2)                    # a fresh prompt, the program still running
-    os.write(fd, b"Hello\n")
-    read_until(3)                    # the answer, then the next prompt
-    os.write(fd, b"\x04")            # Ctrl-D: end of input
-    _, status = os.waitpid(pid, 0)
-    os.close(fd)
-    assert os.WEXITSTATUS(status) == 0, output
-    assert b"Hello" in output and b"Traceback" not in output
+# The REPL, with the answer to "Hello" held after its first piece until a Ctrl-C (at most 2 minutes): a long answer.
+LONG_ANSWER = """
+import sys, time
+from l4compile.runtime import Engine
+real = Engine.chat_stream
+def chat_stream(self, messages, *args, **kwargs):
+    stream = real(self, messages, *args, **kwargs)
+    def long_answer():
+        yield "<first piece>"
+        for _ in range(1200):
+            time.sleep(0.1)
+        yield from stream
+    return long_answer() if messages[-1]["content"] == "Hello" else stream
+Engine.chat_stream = chat_stream
+from l4compile.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_during_an_answer_in_a_real_terminal(text_build, engine):
+    """In a pty: Ctrl-C while an answer streams stops that answer, not the program; the next one is whole and
+    sees the stopped answer in the history."""
+    term = Terminal(["-c", LONG_ANSWER, "chat", str(text_build), "--max-new-tokens", "8", "--temperature", "0"])
+    term.read_until(b"> ")
+    term.send(b"Hello\n")
+    term.read_until(b"<first piece>")
+    term.send(b"\x03")
+    term.read_until(b"(stopped)")
+    term.read_until(b"> ", 2)
+    term.send(b"Hi\n")
+    term.read_until(b"> ", 3)
+    term.send(b"\x04")
+    assert term.exit_status() == 0, term.output
+    answer = engine.chat([{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "<first piece>"},
+                          {"role": "user", "content": "Hi"}], 8, temperature=0)
+    assert answer.encode() in term.output.replace(b"\r\n", b"\n") and b"Traceback" not in term.output
+
+
+def test_ctrl_c_before_an_answer_begins(engine):
+    """A Ctrl-C while the prompt is being prepared (before any piece) stops that turn; the session goes on."""
+    class InterruptFirstCall:
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def __getattr__(self, name):
+            return getattr(engine, name)
+
+        def chat_stream(self, messages, max_new_tokens=None, **options):
+            self.calls += 1
+            if self.calls == 1:
+                raise KeyboardInterrupt
+            return engine.chat_stream(messages, max_new_tokens, **options)
+
+    args = argparse.Namespace(system=None, max_new_tokens=8, temperature=0.0, top_k=None, top_p=None, seed=None)
+    out, err = io.StringIO(), io.StringIO()
+    assert repl(InterruptFirstCall(), args, io.StringIO("Hello\nHi\n"), out, err) == 0
+    assert "(stopped)" in err.getvalue()
+    assert out.getvalue() == engine.chat([{"role": "user", "content": "Hi"}], 8, temperature=0) + "\n"
