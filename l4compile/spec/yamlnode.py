@@ -231,6 +231,11 @@ class Section:
             raise self.error(key, f"expected {what}, found {describe(self.node(key))}")
         if nonempty and not value.strip():
             raise self.error(key, f"expected {what}, found {value!r}")
+        try:   # YAML's "\ud800" escape gives a lone surrogate, which no file name, ONNX string or UTF-8 text holds
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise self.error(key, f"expected {what} of Unicode text, found {value!r} (its character "
+                                  f"{value[exc.start]!r} is half of a UTF-16 pair)") from None
         return value
 
     def int_list(self, key: str, *, allow_scalar: bool = False) -> list[tuple[int, int]]:

@@ -134,6 +134,20 @@ def test_spec_names_cannot_escape_build(name, reason, tmp_path, monkeypatch, cap
         default_output(name)
 
 
+@pytest.mark.parametrize("field", ["name", "description"])
+def test_a_lone_surrogate_in_a_spec_string_is_a_spec_error(field, tmp_path, monkeypatch, capsys):
+    """YAML's "\\ud800" escape reads as a lone surrogate, which no directory name or ONNX string can hold."""
+    text = spec_path("tiny-scout").read_text().replace(f"{field}:", f'{field}: "x\\ud800y"\nunused_{field}:', 1)
+    text = "\n".join(line for line in text.splitlines() if not line.startswith("unused_"))
+    (tmp_path / "spec.yaml").write_text(text)
+    monkeypatch.chdir(tmp_path)
+    for extra in ([], ["--dry-run"]):
+        code = main(["build", str(tmp_path / "spec.yaml"), "--weights", "random", *extra])
+        err = capsys.readouterr().err
+        assert code == 2 and one_line(err) and "spec.yaml:" in err and f"{field}: expected" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["spec.yaml"]
+
+
 def test_default_output_is_under_build(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["build", TINY, "--weights", "random"]) == 0

@@ -25,7 +25,8 @@ INTS = st.one_of(st.integers(-2, 70), st.sampled_from([2**31 - 1, 2**31, 2**63 -
 FLOATS = st.one_of(st.sampled_from([0.0, -1.0, 1e-12, 1e308, math.inf, -math.inf, math.nan]),
                    st.floats(-1e6, 1e6))
 SCALARS = st.one_of(INTS, FLOATS, st.booleans(), st.none(),
-                    st.sampled_from(["", "x", "../../x", "a\0b", "llama3", "1e-5", "null", "x" * 300]))
+                    st.sampled_from(["", "x", "../../x", "a\0b", "llama3", "1e-5", "null", "x" * 300,
+                                     "x\ud800y", "a\x85\u2028b"]))   # a lone surrogate, line separators
 VALUES = st.one_of(SCALARS, st.lists(SCALARS, max_size=3), st.dictionaries(st.sampled_from(["a", "type", "x"]),
                                                                           SCALARS, max_size=2))
 
