@@ -165,11 +165,32 @@ def staged(out_dir: Path, check: Callable[[Path], str | None] | None = None) -> 
         raise
 
 
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file beside it and a rename: `path` is the old file or the
+    new one at every moment, never a half-written one (the temporary has mkdtemp's 0600: widened like a
+    file open() makes)."""
+    path = Path(path)
+    check_named(path)
+    try:
+        path.absolute().parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-{os.getpid()}-", dir=path.absolute().parent)
+    except OSError as exc:
+        raise BuildError(f"cannot write {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
 def check_named(out_dir: Path) -> None:
     """The output must end in a name: `.`, `..` and `/` name no entry that the swap could rename (and checking
     `x/..` while x is absent, then swapping once it exists, would check one directory and replace another)."""
     if Path(out_dir).name in ("", ".", ".."):
-        raise BuildError(f"{out_dir}: the output must end in a directory name (not ., .. or /); choose another -o")
+        raise BuildError(f"{out_dir}: the output must end in a name (not ., .. or /); choose another -o")
 
 
 def _umask() -> int:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Callable
 
@@ -17,6 +18,9 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     from l4compile.spec import dump_spec_yaml
     config, file = load_hf_config(args.checkpoint)
     name = args.name or (file.parent.resolve().name or "imported")
+    if not name.strip() or not name.isprintable() or any("\ud800" <= c <= "\udfff" for c in name):
+        # (a command-line byte that is not UTF-8 arrives as a lone surrogate, which the spec loader refuses)
+        raise BuildError(f"--name {name!r}: expected printable Unicode text (a spec name)")
     text = SPEC_HEADER.format(config=file) + dump_spec_yaml(spec_from_hf_config(config, name, str(file)))
     if args.output is None:
         print(text, end="")
@@ -24,10 +28,31 @@ def cmd_import_hf(args: argparse.Namespace) -> int:
     out = Path(args.output)
     if out.is_dir():
         raise BuildError(f"{out} is a directory; -o takes the spec file to write (e.g. {out / (name + '.yaml')})")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(text)
+    notice = _check_spec_replaceable(out, args.force)
+    if notice:
+        print(f"l4compile: {notice}", file=sys.stderr)
+    from l4compile.outdir import replace_file
+    replace_file(out, text)
     print(f"wrote spec {name} -> {out}")
     return 0
+
+
+def _check_spec_replaceable(out: Path, force: bool) -> str | None:
+    """An existing -o file is replaced only when import-hf wrote it (its first line says so), or with --force: it
+    may be a spec the user wrote by hand. Returns the notice of a replacement."""
+    if not out.exists() and not out.is_symlink():
+        return None
+    try:
+        with open(out, "rb") as f:
+            ours = f.readline(200).startswith(SPEC_HEADER.split("{")[0].encode())
+    except OSError:
+        ours = False
+    if ours and not out.is_symlink():
+        return f"replacing the spec import-hf wrote at {out}"
+    if force:
+        return f"replacing {out} (--force)"
+    raise BuildError(f"{out} exists and is not a spec import-hf wrote; refusing to overwrite it (choose another -o, "
+                     "or pass --force)")
 
 
 def cmd_export_hf(args: argparse.Namespace) -> int:
@@ -90,6 +115,7 @@ def add_hf_commands(sub: argparse._SubParsersAction, size_type: Callable[[str], 
     p.add_argument("checkpoint", help="checkpoint directory, or its config.json")
     p.add_argument("-o", "--output", help="spec file to write (default: print it)")
     p.add_argument("--name", help="spec name (default: the checkpoint directory's name)")
+    p.add_argument("--force", action="store_true", help="overwrite the -o file even if import-hf did not write it")
     p.set_defaults(func=cmd_import_hf)
 
     p = sub.add_parser("export-hf", help="write a Hugging Face checkpoint (config.json + safetensors) "

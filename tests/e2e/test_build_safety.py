@@ -174,6 +174,39 @@ def test_import_hf_into_an_existing_directory(tmp_path, capsys):
     assert one_line(err) and "is a directory" in err and list((tmp_path / "specs").iterdir()) == []
 
 
+def test_import_hf_never_overwrites_a_file_it_did_not_write(tmp_path, capsys):
+    """A hand-written spec (or any file) at -o is kept unless --force; a spec import-hf wrote is replaced with
+    one line. The file is written beside and renamed, with a normal file's permissions."""
+    from l4compile.hf.export import hf_config_from_spec
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_spec(load("tiny-scout"), "float32")))
+    mine = tmp_path / "mine.yaml"
+    mine.write_text("name: my hand-written spec\n")
+    assert main(["import-hf", str(tmp_path), "-o", str(mine)]) == 1
+    err = capsys.readouterr().err
+    assert one_line(err) and "not a spec import-hf wrote" in err and "--force" in err
+    assert mine.read_text() == "name: my hand-written spec\n"
+    ours = tmp_path / "ours.yaml"
+    assert main(["import-hf", str(tmp_path), "-o", str(ours)]) == 0 and capsys.readouterr().err == ""
+    assert main(["import-hf", str(tmp_path), "-o", str(ours), "--name", "again"]) == 0
+    assert capsys.readouterr().err == f"l4compile: replacing the spec import-hf wrote at {ours}\n"
+    assert "name: again" in ours.read_text()
+    assert main(["import-hf", str(tmp_path), "-o", str(mine), "--force"]) == 0
+    assert "--force" in capsys.readouterr().err and "import-hf" in mine.read_text().splitlines()[0]
+    (tmp_path / "made").write_text("")
+    assert ours.stat().st_mode == (tmp_path / "made").stat().st_mode
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json", "made", "mine.yaml", "ours.yaml"]
+
+
+@pytest.mark.parametrize("name", ["x\udcffy", "a\tb", " "])
+def test_import_hf_refuses_names_no_spec_can_hold(name, tmp_path, capsys):
+    """A command-line byte that is not UTF-8 arrives as a lone surrogate: the spec written would not load."""
+    from l4compile.hf.export import hf_config_from_spec
+    (tmp_path / "config.json").write_text(json.dumps(hf_config_from_spec(load("tiny-scout"), "float32")))
+    assert main(["import-hf", str(tmp_path), "--name", name, "-o", str(tmp_path / "s.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert one_line(err) and "--name" in err and not (tmp_path / "s.yaml").exists()
+
+
 def test_stale_temporaries_of_dead_builds_are_removed(tmp_path):
     dead, live = dead_pid(), os.getpid()
     stale = tmp_path / f".b.tmp-{dead}-abc"
