@@ -55,8 +55,12 @@ def test_text_runtime_imports_only_numpy_onnxruntime_tokenizers_and_jinja2(text_
     build = text_build
     code = ("import sys; before = {m.split('.')[0] for m in sys.modules}; from l4compile.runtime import Engine; "
             f"e = Engine.load({str(build)!r}); e.complete('Hi', 2); e.chat([{{'role': 'user', 'content': 'x'}}], 2); "
-            "print(sorted({m.split('.')[0] for m in sys.modules} - before - set(sys.stdlib_module_names)))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    imported = {m for m in eval(out) if not m.startswith("_") and m != "cython_runtime"}   # C-extension internals
+            "list(e.chat_stream([{'role': 'user', 'content': 'x'}], 2)); e.generate_text(['a', 'bc'], 2); "
+            "print(sorted({m.split('.')[0] for m in sys.modules} - before - set(sys.stdlib_module_names))); "
+            "print(sorted(m for m in sys.modules if m.startswith('l4compile')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.splitlines()
+    imported = {m for m in eval(out[0]) if not m.startswith("_") and m != "cython_runtime"}   # C-extension internals
     assert imported <= TEXT_RUNTIME_MODULES, imported - TEXT_RUNTIME_MODULES
     assert {"tokenizers", "jinja2"} <= imported
+    ours = set(eval(out[1])) - {"l4compile", "l4compile.errors"}   # the package and its error base class
+    assert ours and all(m.startswith("l4compile.runtime") for m in ours), ours   # no compiler module
