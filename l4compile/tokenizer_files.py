@@ -48,8 +48,8 @@ def _read_json(path: Path) -> dict[str, Any]:
 def generation_settings(path: Path | None) -> dict[str, Any]:
     """What generation_config.json says: stop tokens (eos_token_id), sampling defaults, max_new_tokens.
 
-    As transformers' generate reads it: greedy unless `do_sample`; sampling's temperature and top_p
-    default to 1 and top_k to none.
+    Greedy unless `do_sample`, as transformers' generate reads it; sampling's temperature and top_p default to 1
+    and top_k to no limit where the file names none (as vLLM does; transformers would apply its global top_k 50).
     """
     if path is None:
         return {}

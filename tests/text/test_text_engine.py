@@ -84,6 +84,8 @@ def test_streamed_pieces_join_to_the_decoded_text(engine):
 
 def test_defaults_come_from_the_generation_config(engine):
     """Sampling (temperature 0.6, top_p 0.9) unless overridden; stop tokens end the text and are not in it."""
+    assert engine._text_options(10, None, None, None, None, None) == {   # max_new_tokens: 256, within the context
+        "max_new_tokens": 246, "stop_tokens": engine.default_stop_tokens, "temperature": 0.6, "top_k": 0, "top_p": 0.9}
     a = engine.complete("Hello", 24, seed=1)
     assert a == engine.complete("Hello", 24, seed=1, temperature=0.6, top_p=0.9)
     assert engine.complete("Hello", 24, seed=1, temperature=0.0) == engine.complete("Hello", 24, **GREEDY)

@@ -11,7 +11,7 @@ import pytest
 from l4compile.errors import BuildError
 from l4compile.runtime.chat import ChatTemplate
 from l4compile.runtime.text import chat_template_source, find_text_files, load_tokenizer
-from l4compile.tokenizer_files import check_tokenizer, find_tokenizer, tokenizer_source
+from l4compile.tokenizer_files import check_tokenizer, find_tokenizer, generation_settings, tokenizer_source
 from tests.text.llama4_tokenizer import model_vocab, save_tokenizer
 
 
@@ -66,3 +66,28 @@ def test_the_build_refuses_a_template_the_runtime_could_not_compile(tokenizer_di
     (directory / "chat_template.jinja").write_text("{% for m in messages %}{{ m.content }")
     with pytest.raises(BuildError, match="chat_template.jinja: .*chat template does not compile"):
         check_tokenizer(find_text_files(directory), model_vocab(directory))
+
+
+@pytest.mark.parametrize("config, settings", [
+    ({"eos_token_id": [1, 7, 8], "do_sample": True, "temperature": 0.6, "top_p": 0.9},   # Llama 4's
+     {"stop_tokens": [1, 7, 8], "sampling": {"temperature": 0.6, "top_k": 0, "top_p": 0.9}}),
+    ({"eos_token_id": 2, "do_sample": True, "top_k": 20, "max_new_tokens": 64},
+     {"stop_tokens": [2], "sampling": {"temperature": 1.0, "top_k": 20, "top_p": 1.0}, "max_new_tokens": 64}),
+    ({"eos_token_id": 2, "temperature": 0.6, "top_p": 0.9},   # no do_sample: greedy, as transformers' generate
+     {"stop_tokens": [2], "sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0}}),
+    ({}, {"sampling": {"temperature": 0.0, "top_k": 0, "top_p": 1.0}}),
+])
+def test_generation_config_gives_stop_tokens_and_sampling_defaults(tmp_path, config, settings):
+    (tmp_path / "generation_config.json").write_text(json.dumps(config))
+    assert generation_settings(tmp_path / "generation_config.json") == settings
+    assert generation_settings(None) == {}
+
+
+def test_a_bad_generation_config_fails_the_build(tmp_path):
+    path = tmp_path / "generation_config.json"
+    path.write_text(json.dumps({"eos_token_id": ["<|eot|>"]}))
+    with pytest.raises(BuildError, match="generation_config.json: eos_token_id must be a token id or a list"):
+        generation_settings(path)
+    path.write_text("{not json")
+    with pytest.raises(BuildError, match="generation_config.json: cannot read it"):
+        generation_settings(path)
