@@ -102,7 +102,7 @@ def test_the_working_directory_and_nameless_outputs_are_never_replaced(output, b
                     ["export-hf", str(built_tiny("tiny-scout")), "-o", output]):
         assert main(command) == 1
         err = capsys.readouterr().err
-        assert one_line(err) and (" is the current directory" in err or "must end in a directory name" in err), err
+        assert one_line(err) and (" is the current directory" in err or "must end in a name" in err), err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["work"]
     assert [p.name for p in work.iterdir()] == ["notes.txt"] and (work / "notes.txt").read_text() == "keep"
 
