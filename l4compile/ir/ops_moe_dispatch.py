@@ -207,7 +207,7 @@ def ort_routing(b: OnnxBuilder, x: str, logits: str, dtype: str, experts: int, r
     x [B, S, H], logits [B, S, E] -> the op's input x * sigmoid(top logit) [B, S, H] and router values
     [B*S, repeat*E]: 0 at the chosen expert (and at its copies e + r*E), -inf elsewhere, so that the
     op's softmax gives each of the `repeat` routes the weight 1/repeat exactly (repeat a power of two).
-    Ties go to the lowest expert index (TopK), as torch.topk's do."""
+    Ties go to the lowest expert index (ONNX TopK's rule)."""
     selecting = logits if dtype == "float32" else b.node("Cast", [logits], to=1)   # TopK has no bfloat16 kernel
     top_value, chosen = b.node("TopK", [selecting, b.int64s(1)], n_out=2, axis=-1)  # [B, S, 1]
     scores = b.node("Sigmoid", [top_value])
