@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import os
 import tempfile
@@ -221,14 +222,26 @@ def emit_vision(spec: ModelSpec, options: BuildOptions, out_dir: Path | None,
     with tempfile.TemporaryDirectory(prefix="l4compile-vision-") as scratch:
         where = Path(out_dir) if out_dir is not None else Path(scratch)
         if out_dir is None:   # a sparse data file of the real size, as for the text model's dry run
-            with open(where / VISION_DATA_FILE, "wb") as sparse:
-                sparse.truncate(artifact.weight_bytes)
+            sparse_stand_in(where / VISION_DATA_FILE, artifact.weight_bytes)
         onnx.save_model(artifact.model, where / VISION_FILE)
         onnx.checker.check_model(str(where / VISION_FILE), full_check=True)
         if options.target == "trt":
             from l4compile.trt.compat import check_file
             check_file(where / VISION_FILE).raise_if_incompatible()
     return artifact
+
+
+def sparse_stand_in(path: Path, size: int) -> None:
+    """A sparse file of `size` bytes (no disk used) for the ONNX checker of a dry run: a file system that
+    cannot hold a file that large (ext4: 16 TiB) is one BuildError, as the build itself would meet it."""
+    try:
+        with open(path, "wb") as sparse:
+            sparse.truncate(size)
+    except OSError as exc:
+        if exc.errno == errno.EFBIG:
+            raise BuildError(f"{path.name} would be {format_bytes(size)}, more than a file of {path.parent.parent} "
+                             f"can hold ({exc.strerror}); a build needs a file system that holds it") from None
+        raise BuildError(f"cannot create the dry run's stand-in {path}: {exc.strerror or exc}") from None
 
 
 def _metadata(spec: ModelSpec, options: BuildOptions) -> dict[str, str]:
@@ -249,8 +262,7 @@ def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] =
         artifact = emit_onnx(graph, None, None, DATA_FILE, _metadata(spec, options))
     with tempfile.TemporaryDirectory(prefix="l4compile-dry-run-") as tmp:
         # A sparse data file of the real size: the checker sees exactly what a build writes, no disk is used.
-        with open(Path(tmp) / DATA_FILE, "wb") as sparse:
-            sparse.truncate(artifact.weight_bytes)
+        sparse_stand_in(Path(tmp) / DATA_FILE, artifact.weight_bytes)
         with progress.phase("check"):
             onnx.save_model(artifact.model, Path(tmp) / MODEL_FILE)
             onnx.checker.check_model(str(Path(tmp) / MODEL_FILE), full_check=True)

@@ -26,7 +26,7 @@ from typing import Callable
 import onnx
 
 from l4compile.build import (DATA_FILE, MODEL_FILE, VISION_DATA_FILE, VISION_FILE, BuildOptions, BuildReport,
-                             _manifest, _metadata, compile_graph, emit_vision, resolve_calibration)
+                             _manifest, _metadata, compile_graph, emit_vision, resolve_calibration, sparse_stand_in)
 from l4compile.emit.onnx_emitter import emit_onnx
 from l4compile.errors import BuildError
 from l4compile.ir.graph import Graph
@@ -106,8 +106,7 @@ def write_rank(graph: Graph, rank_dir: Path, weights: WeightSource | None, metad
     rank_dir.mkdir(parents=True, exist_ok=True)
     artifact = emit_onnx(graph, rank_dir, weights, DATA_FILE, metadata, progress)
     if weights is None:
-        with open(rank_dir / DATA_FILE, "wb") as sparse:
-            sparse.truncate(artifact.weight_bytes)
+        sparse_stand_in(rank_dir / DATA_FILE, artifact.weight_bytes)
     onnx.save_model(artifact.model, rank_dir / MODEL_FILE)
     check_onnx(rank_dir / MODEL_FILE)
     reductions = []

@@ -73,3 +73,19 @@ def test_hf_config_layer_limit(tmp_path):
     config = {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "num_hidden_layers": 5000}
     with pytest.raises(SpecError, match="num_hidden_layers: expected at most 1,024"):
         spec_from_hf_config(config, "x", "config.json")
+
+
+def test_a_dry_run_larger_than_any_file_is_one_line(tmp_path, capsys):
+    """2**31 - 1 experts fit int64 offsets (213 TB of weights), but not in a file of ext4 (16 TiB): the dry
+    run's sparse stand-in for the weights either fits the temporary file system or is one BuildError."""
+    path = mutated(tmp_path, "num_experts: 4", "num_experts: 2147483647")
+    code = main(["build", str(path), "--dry-run", "-q"])
+    err = capsys.readouterr().err
+    assert code == 0 or (code == 1 and err.count("\n") == 1 and "model.onnx.data would be 213.31 TB" in err), err
+
+
+def test_the_sparse_stand_in_names_what_it_could_not_make(tmp_path):
+    from l4compile.build import sparse_stand_in
+    from l4compile.errors import BuildError
+    with pytest.raises(BuildError, match=r"cannot create the dry run's stand-in .*model\.onnx\.data: No such file"):
+        sparse_stand_in(tmp_path / "absent" / "model.onnx.data", 1024)
