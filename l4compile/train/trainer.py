@@ -130,6 +130,10 @@ class Trainer:
             if ckpt.is_run(self.out):
                 raise TrainError(f"-o {self.out} already holds a training run; continue it with --resume {self.out} "
                                  "or choose a new directory")
+            if self.out.exists() and (not self.out.is_dir() or any(self.out.iterdir())):
+                # a run writes spec.yaml, run.json, metrics.jsonl and checkpoints/ over whatever has those names
+                raise TrainError(f"-o {self.out} exists and is not an empty directory; a run goes into a new or "
+                                 "empty one")
         stream = read_token_stream(opts.data, spec, find_tokenizer(opts.tokenizer, opts.init))
         pad = spec.tokens.pad if spec.tokens.pad is not None else 0
         self.data: PackedData = pack(stream, opts.seq_len, pad, opts.eval_fraction, opts.seed)

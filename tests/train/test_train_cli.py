@@ -54,6 +54,12 @@ def test_bad_input_is_one_clear_line(corpus, tmp_path, capsys):
                     spec=TINY_SCOUT.replace("tiny-scout", "tiny-maverick"))
     assert "trained with spec 'tiny-scout'" in message and "spec.yaml" in message
     assert "already holds a training run" in error("--data", corpus, *out)
+    (tmp_path / "mine").mkdir()   # a run writes spec.yaml and run.json: never over a user's files
+    (tmp_path / "mine" / "spec.yaml").write_text("my spec")
+    assert "is not an empty directory" in error("--data", corpus, "-o", tmp_path / "mine")
+    assert "is not an empty directory" in error("--data", corpus, "-o", corpus)
+    assert [p.name for p in (tmp_path / "mine").iterdir()] == ["spec.yaml"]
+    assert (tmp_path / "mine" / "spec.yaml").read_text() == "my spec"
 
 
 def test_sigterm_stops_after_a_step_with_a_checkpoint_that_resumes_exactly(corpus, tmp_path):
