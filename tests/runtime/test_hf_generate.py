@@ -43,7 +43,7 @@ def test_greedy_generation_matches_transformers(name, tmp_path):
     model.save_pretrained(tmp_path / "hf")
     build(spec, tmp_path / "build", HFCheckpoint(tmp_path / "hf"), BuildOptions(), log=lambda _: None)
 
-    prompt = token_ids(2, 6, seed=9)   # 6 + 40 tokens: five chunks of 8, temperature floor steps every 4
+    prompt = token_ids(2, 6, seed=9)   # 6 + 40 tokens: five chunk boundaries (chunk 8), floor steps every 4
     ours = Engine.load(tmp_path / "build").generate(prompt, max_new_tokens=NEW, stop_tokens=())
     state = model.state_dict()
     np.testing.assert_array_equal(ours, hf_generate(spec, state, prompt))

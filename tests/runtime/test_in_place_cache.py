@@ -40,7 +40,7 @@ def test_onnx_cpu_builds_cache_in_place(engines):
 
 @pytest.mark.parametrize("name", TINY_SPECS)
 def test_prefill_and_32_decode_steps_cross_many_chunks(name, engines, reference):
-    """A 45-token prefill then 32 one-token steps (chunk 8: ten chunk boundaries, temperature floor 4
+    """A 45-token prefill then 32 one-token steps (chunk 8: ten chunks, nine boundaries; temperature floor 4
     crossed many times): every logit equals the reference's full forward within 1e-4."""
     engine = engines[name]
     ids = token_ids(1, 77, seed=21)
