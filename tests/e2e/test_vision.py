@@ -115,7 +115,7 @@ def test_run_with_an_image_file(spec, tmp_path):
     """`l4compile run BUILD --image FILE`: tiling, prompt expansion and generation, the same as the Python API."""
     import subprocess
     import sys
-    Image = pytest.importorskip("PIL.Image", reason="Pillow (the 'vision' and 'dev' extras) reads image files")
+    from PIL import Image
     from l4compile.runtime.preprocess import ImageTokens
     build(spec, tmp_path / "b", RandomWeights(2), BuildOptions(), log=lambda _: None)
     Image.fromarray(np.random.default_rng(2).integers(0, 256, (60, 120, 3), dtype=np.uint8)).save(tmp_path / "a.png")

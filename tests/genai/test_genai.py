@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import onnxruntime_genai as og
 import pytest
 
 from tests.conftest import load, spec_path
 from tests.genai.conftest import Genai, build_genai, until_stop
-
-og = pytest.importorskip("onnxruntime_genai", reason="onnxruntime-genai (the genai / dev extra) is not installed")
 
 # The tiny specs: chunk 8, temperature floor 4. 41 and 27 tokens cross five and three chunk boundaries.
 PROMPT_LENGTHS = (41, 27)

@@ -116,7 +116,7 @@ def test_expand_prompt_replaces_placeholders_in_order():
 
 
 def test_images_from_files_and_bad_images(tmp_path):
-    Image = pytest.importorskip("PIL.Image", reason="Pillow (the 'vision' and 'dev' extras) reads image files")
+    from PIL import Image
     array = np.random.default_rng(1).integers(0, 256, (40, 90, 3), dtype=np.uint8)
     Image.fromarray(array).save(tmp_path / "a.png")
     from_file, grid = preprocess_image(tmp_path / "a.png", 28, 4)

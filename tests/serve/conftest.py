@@ -13,12 +13,7 @@ from pathlib import Path
 
 import pytest
 
-pytest.importorskip("fastapi", reason="the serve extra (fastapi, uvicorn) is not installed")
-pytest.importorskip("uvicorn", reason="the serve extra (fastapi, uvicorn) is not installed")
-pytest.importorskip("openai", reason="the openai client (dev extra) is not installed")
-pytest.importorskip("httpx", reason="httpx (dev extra) is not installed")
-
-from tests.text.conftest import text_build, text_checkpoint, tokenizer_dir  # noqa: E402,F401  (shared fixtures)
+from tests.text.conftest import text_build, text_checkpoint, tokenizer_dir  # noqa: F401  (shared fixtures)
 
 STARTUP_SECONDS = 120   # a loaded CI machine imports onnxruntime and fastapi slowly
 STOP_SECONDS = 60

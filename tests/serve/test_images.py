@@ -10,12 +10,12 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import numpy as np
 import pytest
+from PIL import Image
 
 from tests.serve.conftest import ServerProcess
 from tests.text.conftest import token_ids
 
 pytestmark = pytest.mark.slow
-PIL = pytest.importorskip("PIL.Image", reason="Pillow (vision/dev extra) is not installed")
 NEW = 12
 
 
@@ -52,7 +52,7 @@ def vision_server(vision_build, tmp_path_factory):
 
 
 def picture(width: int, height: int, seed: int):
-    return PIL.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8))
 
 
 def data_url(image) -> str:
@@ -75,7 +75,7 @@ def test_image_parts_give_engine_text(vision_build, vision_server):
              ("Compare these two", [picture(20, 60, 2), picture(28, 28, 3)]),
              ("No picture, just text", [])]
     want = [engine_answer(engine, question, images) for question, images in cases]
-    black = PIL.fromarray(np.zeros((56, 84, 3), np.uint8))
+    black = Image.fromarray(np.zeros((56, 84, 3), np.uint8))
     assert want[0] != engine_answer(engine, cases[0][0], [black])   # these pixels change the answer
     client = vision_server.client()
 
