@@ -136,7 +136,7 @@ def test_text_errors_are_clear_and_the_engine_stays_usable(engine, text_build, t
         engine.complete("Hello", 300)
     with pytest.raises(RuntimeInputError, match="a prompt must be a string"):
         engine.complete(["not", "a", "string"], 4)
-    assert engine.complete("Hello", 4, **GREEDY) == engine.complete("Hello", 4, **GREEDY)
+    assert engine.complete("Hello", 4, **GREEDY) == Engine.load(text_build).complete("Hello", 4, **GREEDY)  # as new
 
     broken = tmp_path / "broken-template"
     shutil.copytree(text_build, broken)
