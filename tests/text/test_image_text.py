@@ -135,7 +135,7 @@ def test_text_api_greedy_tokens_equal_the_ids_path(engine, monkeypatch):
     assert engine.chat(messages, 12, temperature=0, stop_tokens=()) == answer
 
 
-def test_image_errors_are_one_line_and_the_engine_stays_usable(engine, tmp_path):
+def test_image_errors_are_one_line_and_the_engine_stays_usable(engine, vision_text_build, tmp_path):
     for call in [lambda: engine.complete("<|image|> and <|image|>", 2, images=[SMALL]),     # 2 placeholders, 1 image
                  lambda: engine.complete("<|image|> what?", 2),                             # a placeholder, no image
                  lambda: engine.chat([{"role": "user", "content": [{"type": "image"}]}], 2),  # a part without image
@@ -143,7 +143,8 @@ def test_image_errors_are_one_line_and_the_engine_stays_usable(engine, tmp_path)
                  lambda: engine.complete("x", 2, images=[np.zeros((4, 4), np.float32)[None]])]:
         with pytest.raises(RuntimeInputError):
             call()
-    assert isinstance(engine.complete("Hello", 2, images=[SMALL]), str)
+    greedy = dict(images=[SMALL], temperature=0, stop_tokens=())
+    assert engine.complete("Hello", 4, **greedy) == Engine.load(vision_text_build).complete("Hello", 4, **greedy)
 
 
 def test_text_only_build_refuses_images_in_text(text_build):
