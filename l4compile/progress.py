@@ -81,6 +81,7 @@ class Task:
         self.bar: Any = None
         self.ticked = False               # the ticker drew the bar (tqdm does not know: see Progress._finish)
         self.start_line: str | None = None
+        self.parts: dict[str, PhaseRecord] = {}   # Progress.part's records within this phase
         self.done = False
 
     @property
@@ -169,10 +170,17 @@ class Task:
         return f"{'  ' * self.depth}{self.record.name}: {', '.join(bits)}"
 
     def end_line(self) -> str:
-        state = " FAILED" if self.record.failed else ""
         bits = [b for b in (self.amounts(totals=False), self.rates(), self.comment) if b]
-        return f"{'  ' * self.depth}{self.record.name:<{max(20 - 2 * self.depth, 1)}} " \
-               f"{format_seconds(self.record.seconds or 0.0):>8}{state}{'  ' + ', '.join(bits) if bits else ''}"
+        return _end_line(self.record, self.depth, bits)
+
+    def part_lines(self) -> list[str]:
+        """The end lines of this phase's parts (one level deeper)."""
+        lines = []
+        for record in self.parts.values():
+            rate = _rate(record.count / record.seconds, record.unit) if record.seconds and record.unit else ""
+            bits = [b for b in (format_amount(record.count, record.unit) if record.unit else "", rate) if b]
+            lines.append(_end_line(record, self.depth + 1, bits))
+        return lines
 
     def _secondary(self) -> str:
         """The bar's postfix: the count when the bar shows the size, the size when it shows the count."""
@@ -244,6 +252,25 @@ class Progress:
                     self._line(task.start_line)
             self._ensure_ticker()
         return task
+
+    @contextmanager
+    def part(self, name: str, unit: str | None = None) -> Iterator[None]:
+        """Time spent in `name` inside the innermost running phase, summed over many stretches (each tensor
+        quantized as it is written): one record "within" that phase, counting the stretches in `unit`s,
+        whose line comes before the phase's own end line."""
+        task = self._open[-1] if self._open else None
+        start = time.monotonic()
+        try:
+            yield
+        finally:
+            if task is not None and not task.done:
+                with self._lock:
+                    record = task.parts.get(name)
+                    if record is None:
+                        record = task.parts[name] = PhaseRecord(name, task.record.name, 0.0, unit=unit)
+                        self.phases.append(record)
+                    record.seconds = (record.seconds or 0.0) + time.monotonic() - start
+                    record.count += 1
 
     def note(self, message: str) -> None:
         """A line at normal verbosity (not with --quiet)."""
@@ -369,6 +396,8 @@ class Progress:
             if self._held is not None and task.start_line in self._held:
                 self._held.remove(task.start_line)     # held, never shown: the end line says it all
             if task.summary or self.verbosity >= VERBOSE:
+                for line in task.part_lines():
+                    self._line(line)
                 self._line(task.end_line())
 
     def _close_open(self, failed: bool) -> None:
@@ -439,6 +468,13 @@ def format_seconds(seconds: float) -> str:
         return f"{minutes} min {secs:02d} s"
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min"
+
+
+def _end_line(record: PhaseRecord, depth: int, bits: list[str]) -> str:
+    """'  calibrate          1 min 05 s  64 batches, ...': name, time, FAILED where it failed, amounts."""
+    state = " FAILED" if record.failed else ""
+    return f"{'  ' * depth}{record.name:<{max(20 - 2 * depth, 1)}} " \
+           f"{format_seconds(record.seconds or 0.0):>8}{state}{'  ' + ', '.join(bits) if bits else ''}"
 
 
 def format_amount(value: float, unit: str) -> str:

@@ -3,17 +3,20 @@
 A pass that replaces a parameter by, say, float8 codes plus scales records on each new parameter
 *how* it derives from the original (`Derived`). `DerivedWeights` wraps any weight source and
 computes those parameters as the emitter asks for them: it reads the source tensor once, keeps
-its parts until the next source is needed, and never holds more than one source tensor.
+its parts until the next source is needed, and never holds more than one source tensor. The time
+spent quantizing is the "quantize" part of the running progress phase (`Progress.part`).
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
 from l4compile.ir.graph import Value
+from l4compile.progress import current
 from l4compile.weights.base import WeightSource, numpy_dtype
 
 
@@ -49,7 +52,9 @@ class DerivedWeights(WeightSource):
         key = (derived.source.name, derived.scheme, derived.options)
         if key != self._key:
             self._key, self._parts = None, {}   # drop the previous source's parts first
-            self._parts = _compute(derived, self._source(derived.source))
+            source = self._source(derived.source)
+            with current().part("quantize", unit="tensor") if derived.scheme != "slice" else nullcontext():
+                self._parts = _compute(derived, source)
             self._key = key
         part = self._parts[derived.part]
         return part.reshape(param.type.shape).astype(numpy_dtype(param.type.dtype), copy=False)

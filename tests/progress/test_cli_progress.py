@@ -186,3 +186,30 @@ def test_verify_counts_files_and_bytes_and_json(built_tiny, capsys, monkeypatch,
     assert main(["verify", build, "-q"]) == 0
     out, err = capsys.readouterr()
     assert err == "" and "sha256 checksums match" in out
+
+
+def test_gptq_build_reports_calibrate_and_quantize_phases_and_stats(capsys, monkeypatch, tmp_path):
+    """`build --quantize int4` with GPTQ: calibration (within the passes) counts batches and tokens; quantizing
+    (as each tensor is written) is a part of "write weights" with its own time; --json has the stats."""
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    monkeypatch.setattr("l4compile.build.GPTQ_CALIBRATION", {"batches": 2, "batch_size": 1, "seq_len": 16})
+    assert main(["build", str(spec_path("tiny-scout")), "--weights", "random", "-o", str(tmp_path / "b"),
+                 "--quantize", "int4", "--int4-method", "gptq", "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    phases = [(p["name"], p.get("within")) for p in report["phases"]]
+    assert phases == [("load spec", None), ("open weights", None), ("lower", None), ("passes", None),
+                      ("load reference", "passes"), ("calibrate", "passes"), ("write weights", None),
+                      ("quantize", "write weights"), ("check", None)]
+    named = {p["name"]: p for p in report["phases"]}
+    assert named["calibrate"]["count"] == 2 and named["calibrate"]["size"] == 32 and \
+        named["calibrate"]["size_unit"] == "token"
+    stats = report["quantization"]["passes"]["quantize-int4"]
+    assert report["quantization"]["method"] == "gptq" and stats["weights_gptq"] > 0
+    assert stats["weight_bytes_after"] == report["files"]["model.onnx.data"] < stats["weight_bytes_before"]
+    assert 0 < named["quantize"]["seconds"] <= named["write weights"]["seconds"]
+    assert named["quantize"]["count"] >= stats["weights_gptq"]     # every quantized weight, GPTQ's among them
+    lines = err.splitlines()
+    assert re.search(r"^  calibrate: 1/2 batches, 16/32 tokens, .* about .* left$", err, re.M), err
+    assert lines.index(next(line for line in lines if line.startswith("  quantize "))) + 1 == \
+        lines.index(next(line for line in lines if re.match(r"write weights +[\d.]+ s", line)))

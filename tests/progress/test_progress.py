@@ -92,6 +92,23 @@ def test_nested_phases_are_indented_and_say_where_they_ran():
     assert [p.get("within") for p in progress.report()["phases"]] == [None, "passes"]
 
 
+def test_a_part_sums_its_stretches_within_a_phase_and_shows_before_its_end_line():
+    progress, stream = plain()
+    with progress.activate():
+        with current().phase("write weights", total=3, unit="tensor") as task:
+            for quantized in (True, False, True):
+                if quantized:
+                    with current().part("quantize", unit="tensor"):
+                        pass
+                task.advance(1)
+        with current().part("quantize", unit="tensor"):   # outside any phase: nothing recorded
+            pass
+    lines = stream.getvalue().splitlines()
+    assert re.match(r"  quantize +[\d.]+ s  2 tensors", lines[-2]) and lines[-1].startswith("write weights  ")
+    (part,) = [p for p in progress.report()["phases"] if p["name"] == "quantize"]
+    assert part["within"] == "write weights" and part["count"] == 2 and part["unit"] == "tensor"
+
+
 def test_library_use_is_silent_and_a_phase_without_a_reporter_is_harmless():
     assert current().verbosity == QUIET
     with current().phase("write weights", total=1, unit="tensor") as task:
