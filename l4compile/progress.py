@@ -301,6 +301,11 @@ class Progress:
         self.note(f"{what} finished in {format_seconds(self.elapsed())}")
         self._flush()
 
+    def flush(self) -> None:
+        """Print the held lines now: a command that goes on after its long start-up (a server, a chat) shows
+        what the start-up took before it starts serving."""
+        self._flush()
+
     @property
     def shares_stdout(self) -> bool:
         """Whether this reporter's stream and stdout are the same file or terminal (so a bar or status

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
@@ -69,18 +70,25 @@ def run_text(engine, args: argparse.Namespace) -> int:
     if args.chat:
         messages = ([{"role": "system", "content": args.system}] if args.system else []) + \
                    [{"role": "user", "content": user_content(prompt, images)}]
-        pieces = engine.chat_stream(messages, args.max_new_tokens, images=images, **options)
+        stream = partial(engine.chat_stream, messages, args.max_new_tokens, images=images, **options)
+    elif args.system:
+        raise RuntimeInputError("--system needs --chat")
     else:
-        if args.system:
-            raise RuntimeInputError("--system needs --chat")
-        pieces = engine.complete_stream(prompt, args.max_new_tokens, images=images, **options)
+        stream = partial(engine.complete_stream, prompt, args.max_new_tokens, images=images, **options)
     from l4compile.progress import current
     progress = current()
-    with progress.phase("generate", live=not progress.shares_stdout):   # a line on stderr, with its time
-        write_stream(pieces, sys.stdout)
+    # The text goes to stdout as it comes; a live bar only where it cannot land in it.
+    with progress.phase("generate", total=args.max_new_tokens, unit="token", live=not progress.shares_stdout) as task:
+        write_stream(stream(on_token=lambda token: _count_token(task)), sys.stdout)
     if sys.stdout.isatty():
         sys.stdout.write("\n")
     return 0
+
+
+def _count_token(task) -> None:
+    task.advance(1)
+    if task.count == 1:
+        task.comment = f"first token after {task.elapsed():.3f} s"
 
 
 class ChatSession:
@@ -204,8 +212,12 @@ def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr
 
 
 def cmd_chat(args: argparse.Namespace) -> int:
+    from l4compile.progress import current
     from l4compile.runtime import Engine
-    engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
+    progress = current()
+    with progress.phase("load engine"):
+        engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
+    progress.flush()   # what loading took, before the first prompt
     return repl(engine, args, sys.stdin, sys.stdout, sys.stderr)
 
 
@@ -232,4 +244,6 @@ def add_chat_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=options.cli_type(options.threads, int, "a thread count"),
                    help="onnxruntime intra-op threads")
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
+    from l4compile.progress import add_progress_args
+    add_progress_args(p)
     p.set_defaults(func=cmd_chat)

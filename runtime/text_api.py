@@ -10,7 +10,7 @@ Defaults come from the build (the checkpoint's generation_config.json): stop tok
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -154,10 +154,13 @@ class TextGeneration:
             yield token
 
     def _text_stream(self, ids: np.ndarray, seed: int | None, settings: dict[str, Any],
-                     pixel_values: np.ndarray | None = None) -> Iterator[str]:
+                     pixel_values: np.ndarray | None = None,
+                     on_token: Callable[[int], None] | None = None) -> Iterator[str]:
         tokens = self._token_stream(ids, seed, settings, pixel_values)
         decoder = self.tokenizer.stream_decoder()
         for token in tokens:
+            if on_token is not None:
+                on_token(token)
             piece = decoder.step(token)
             if piece:
                 yield piece
@@ -168,13 +171,14 @@ class TextGeneration:
     # ---- the text API ----------------------------------------------------------
     def complete_stream(self, prompt: str, max_new_tokens: int | None = None, *, temperature: float | None = None,
                         top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
-                        stop_tokens: Sequence[int] | None = None, images: Sequence[Any] | None = None) -> Iterator[str]:
+                        stop_tokens: Sequence[int] | None = None, images: Sequence[Any] | None = None,
+                        on_token: Callable[[int], None] | None = None) -> Iterator[str]:
         """Continue `prompt`; yields text pieces as they become final (they concatenate to `complete`'s text).
         A vision build takes `images` (paths, PIL images or arrays), placed at the prompt's `<|image|>`s
-        (`prepare_prompt`)."""
+        (`prepare_prompt`). `on_token` hears of each new token id as it is decided (a progress count)."""
         ids, pixels = self.prepare_prompt(prompt, images)
         return self._text_stream(ids, seed, self._text_options(len(ids), max_new_tokens, temperature, top_k, top_p,
-                                                            stop_tokens), pixels)
+                                                            stop_tokens), pixels, on_token)
 
     def complete(self, prompt: str, max_new_tokens: int | None = None, **options: Any) -> str:
         """Continue `prompt`: the generated text (special tokens and the stop token left out)."""
@@ -184,12 +188,13 @@ class TextGeneration:
                     temperature: float | None = None, top_k: int | None = None, top_p: float | None = None,
                     seed: int | None = None, stop_tokens: Sequence[int] | None = None,
                     template_variables: dict[str, Any] | None = None,
-                    images: Sequence[Any] | None = None) -> Iterator[str]:
+                    images: Sequence[Any] | None = None,
+                    on_token: Callable[[int], None] | None = None) -> Iterator[str]:
         """The assistant's answer to `messages` ([{"role": ..., "content": ...}, ...]), as streamed text pieces.
-        A vision build takes image parts in the messages (`prepare_chat`)."""
+        A vision build takes image parts in the messages (`prepare_chat`). `on_token`: as in `complete_stream`."""
         ids, pixels = self.prepare_chat(messages, images, True, **(template_variables or {}))
         return self._text_stream(ids, seed, self._text_options(len(ids), max_new_tokens, temperature, top_k, top_p,
-                                                            stop_tokens), pixels)
+                                                            stop_tokens), pixels, on_token)
 
     def chat(self, messages: Sequence[dict], max_new_tokens: int | None = None, **options: Any) -> str:
         """The assistant's answer to `messages`, rendered with the build's chat template."""

@@ -30,9 +30,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from l4compile.runtime import Engine
     from l4compile.serve.scheduler import Scheduler
 
+    from l4compile.progress import current
+    progress = current()
     sock = _listen(args.host, args.port)   # a port in use fails here, before the model loads
-    engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
-    engine.tokenizer   # a build without a tokenizer fails here, in one line
+    with progress.phase("load engine"):
+        engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
+        engine.tokenizer   # a build without a tokenizer fails here, in one line
     scheduler = Scheduler(engine, max_batch=args.max_batch, max_queue=args.max_queue, context=args.context,
                           prefill_chunk=args.prefill_chunk)
     name = args.model_name or Path(args.build).resolve().name
@@ -41,8 +44,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     mode = (f"continuous batching, {scheduler.batch_rows} rows" if scheduler.in_place else
             "one request at a time: this build's KV cache keeps one position for the whole batch "
             "(sequence-major: a TensorRT or sharded build)")
-    print(f"serving {args.build} as {name!r} on http://{args.host}:{args.port}/v1 ({mode}; context "
-          f"{scheduler.context} tokens, queue {scheduler.max_queue})", file=sys.stderr, flush=True)
+    progress.flush()   # the start-up's lines now, not when the server stops
+    progress.note(f"serving {args.build} as {name!r} on http://{args.host}:{args.port}/v1 ({mode}; context "
+                  f"{scheduler.context} tokens, queue {scheduler.max_queue})")
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                             timeout_graceful_shutdown=args.shutdown_timeout + SHUTDOWN_MARGIN, lifespan="on")
     server = _server(uvicorn, config, scheduler, args.shutdown_timeout)
@@ -113,4 +117,6 @@ def add_serve_command(sub: argparse._SubParsersAction, count) -> None:
     p.add_argument("--backend", choices=["onnxruntime", "tensorrt"])
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"],
                    help="uvicorn's log level (default warning; info logs every request)")
+    from l4compile.progress import add_progress_args
+    add_progress_args(p)
     p.set_defaults(func=cmd_serve)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 import subprocess
 import sys
@@ -39,3 +40,9 @@ def test_usage_errors_exit_2(text_build):
                  ["--port", "0"]):
         result = serve(str(text_build), *args)
         assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_start_up_says_what_loading_took_and_quiet_says_nothing(start_server):
+    output = start_server().output()
+    assert re.search(r"^load engine +[\d.]+ s\nserving .* on http://127\.0\.0\.1:", output, re.M), output
+    assert start_server("-q").output() == ""
