@@ -134,9 +134,25 @@ class Trainer:
                 # a run writes spec.yaml, run.json, metrics.jsonl and checkpoints/ over whatever has those names
                 raise TrainError(f"-o {self.out} exists and is not an empty directory; a run goes into a new or "
                                  "empty one")
-        stream = read_token_stream(opts.data, spec, find_tokenizer(opts.tokenizer, opts.init))
-        pad = spec.tokens.pad if spec.tokens.pad is not None else 0
-        self.data: PackedData = pack(stream, opts.seq_len, pad, opts.eval_fraction, opts.seed)
+        progress = self._progress()
+        with progress.phase("read data"):
+            stream = read_token_stream(opts.data, spec, find_tokenizer(opts.tokenizer, opts.init))
+            pad = spec.tokens.pad if spec.tokens.pad is not None else 0
+            self.data: PackedData = pack(stream, opts.seq_len, pad, opts.eval_fraction, opts.seed)
+        with progress.phase("load model"):
+            self._load_model(resume_from)
+        if resume_from is not None:
+            self._log(f"resumed from {resume_from} (step {self.start_step}) on {world.size} rank(s)")
+        if world.is_main:
+            if resume_from is None or not ckpt.is_run(self.out):
+                ckpt.write_run(self.out, spec, asdict(opts))
+        dist.barrier()
+        self.autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if opts.dtype == "bfloat16"
+                         else nullcontext())
+
+    def _load_model(self, resume_from: Path | None) -> None:
+        """The model (from --init, or the checkpoint `resume_from`), parallelized, and its optimizer."""
+        spec, opts, world = self.spec, self.opts, self.world
         torch.manual_seed(opts.seed)
         # resuming: the weights come from the checkpoint, not from --init
         model = build_model(spec, opts.init, opts.seed) if resume_from is None else Llama4ForTraining(spec)
@@ -151,13 +167,10 @@ class Trainer:
         self.optimizer = make_optimizer(self.model, opts)
         if resume_from is not None:
             ckpt.load(resume_from, self.model, self.optimizer)
-            self._log(f"resumed from {resume_from} (step {self.start_step}) on {world.size} rank(s)")
-        if world.is_main:
-            if resume_from is None or not ckpt.is_run(self.out):
-                ckpt.write_run(self.out, spec, asdict(opts))
-        dist.barrier()
-        self.autocast = (torch.autocast(world.device.type, dtype=torch.bfloat16) if opts.dtype == "bfloat16"
-                         else nullcontext())
+
+    def _progress(self) -> Progress:
+        """The command's reporter on rank 0 (it reports for the job); a silent one on the others."""
+        return current() if self.world is None or self.world.is_main else Progress.silent()
 
     def _log(self, line: str) -> None:
         if self.world is None or self.world.is_main:
@@ -261,7 +274,7 @@ class Trainer:
         self._log(f"training {self.spec.name}: {len(self.data.train_ids)} train / {len(self.data.eval_ids)} eval "
                   f"sequences of {opts.seq_len}, batch {opts.batch} on {world.size} rank(s), steps "
                   f"{self.start_step + 1}..{opts.steps}")
-        progress = current() if world.is_main else Progress.silent()
+        progress = self._progress()
         todo = opts.steps - self.start_step
         with progress.phase("train", total=min(todo, opts.stop_after or todo), unit="step", size_unit="token") as task:
             return self._steps(task)
@@ -291,14 +304,16 @@ class Trainer:
         """Evaluate (not when stopping on a signal: the user is waiting), record, log, checkpoint."""
         opts = self.opts
         if ((opts.eval_every and step % opts.eval_every == 0) or last) and not stopping:
-            metrics["eval_loss"] = self.evaluate()
+            with self._progress().phase("evaluate"):
+                metrics["eval_loss"] = self.evaluate()
         history.append(metrics)
         self._record(metrics)
         task.advance(1, size=metrics["tokens"])
         if step % opts.log_every == 0 or last:
             self._log(format_metrics(metrics, opts.steps))
         if last or (opts.save_every and step % opts.save_every == 0):
-            where = ckpt.save(self.out, step, self.model, self.optimizer, self.world.is_main)
+            with self._progress().phase("checkpoint"):
+                where = ckpt.save(self.out, step, self.model, self.optimizer, self.world.is_main)
             self._log(f"checkpoint {where}")
 
 

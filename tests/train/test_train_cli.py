@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
@@ -15,6 +16,10 @@ def test_train_writes_metrics_and_a_checkpoint_export_hf_reads(corpus, tmp_path,
     assert train("--data", corpus, "--steps", 3, "-o", run) == 0
     err = capsys.readouterr().err
     assert "step 3/3  loss " in err and "tokens/s" in err and "grad_norm" in err and "lr " in err
+    phases = [re.match(r"( *[a-z ]+?) {2,}[\d.]+ s", line) for line in err.splitlines()]   # each phase's end line
+    assert [m[1] for m in phases if m] == ["read data", "load model", "  evaluate", "  checkpoint", "train"], err
+    assert re.search(r"^train +[\d.]+ s  3 steps, [\d,]+ tokens, [\d.]+ steps/s, [\d,.]+ tokens/s$", err, re.M)
+    assert err.splitlines()[-1].startswith("train finished in ")
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2, 3]
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "aux_loss"} <= set(metrics[0])
@@ -26,10 +31,12 @@ def test_train_writes_metrics_and_a_checkpoint_export_hf_reads(corpus, tmp_path,
     assert model.config.num_hidden_layers == 4
 
 
-def test_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path):
+def test_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path, capsys):
     whole, split = tmp_path / "whole", tmp_path / "split"
     common = ("--data", corpus, "--steps", 4, "--warmup", 1)
-    assert train(*common, "-o", whole) == 0
+    capsys.readouterr()
+    assert train(*common, "-o", whole, "-q") == 0
+    assert capsys.readouterr().err == ""     # --quiet: no step lines, no phases
     assert train(*common, "-o", split, "--stop-after", 2) == 0
     assert losses(split) == {k: v for k, v in losses(whole).items() if k <= 2}
     assert train(*common, "--resume", split) == 0
