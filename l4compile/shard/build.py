@@ -229,7 +229,9 @@ def _finish_trt(tmp: Path, out_dir: Path, top: Manifest, ranks: list[Manifest],
     for rank, manifest in enumerate(ranks):
         folder = RANK_DIR.format(rank=rank)
         quiet = (lambda *_: None) if rank else (lambda line: log(line.replace(str(out_dir / folder), str(out_dir))))
-        done.append(finish_build(tmp / folder, out_dir / folder, manifest, options.engine or EngineOptions(), quiet))
+        with current().phase(f"TensorRT rank {rank}"):   # its compat check and engine, nested
+            done.append(finish_build(tmp / folder, out_dir / folder, manifest, options.engine or EngineOptions(),
+                                     quiet))
     backend = "tensorrt" if all(m.backend == "tensorrt" for m in done) else "onnxruntime"
     vision = top_level_vision(done[VISION_RANK].vision, RANK_DIR.format(rank=VISION_RANK)) if top.vision else None
     return dataclasses.replace(top, backend=backend, trt=done[0].trt, vision=vision), done

@@ -77,7 +77,10 @@ def engine_command(directory: Path, options: EngineOptions, log: Callable[[str],
     directory = Path(directory)
     manifest = Manifest.read(directory)
     if (manifest.sharding or {}).get("ranks"):   # build --tp N: one multi-device engine per rank
-        ranks = [engine_command(directory / folder, options, log) for folder in manifest.sharding["ranks"]]
+        ranks = []
+        for rank, folder in enumerate(manifest.sharding["ranks"]):
+            with current().phase(f"TensorRT rank {rank}"):   # its compat check and engine, nested
+                ranks.append(engine_command(directory / folder, options, log))
         vision = manifest.vision
         if vision is not None:   # the vision engine is rank 0's (l4compile.shard.build), named from the top
             from l4compile.shard.build import top_level_vision

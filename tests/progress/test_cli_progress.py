@@ -213,3 +213,20 @@ def test_gptq_build_reports_calibrate_and_quantize_phases_and_stats(capsys, monk
     assert re.search(r"^  calibrate: 1/2 batches, 16/32 tokens, .* about .* left$", err, re.M), err
     assert lines.index(next(line for line in lines if line.startswith("  quantize "))) + 1 == \
         lines.index(next(line for line in lines if re.match(r"write weights +[\d.]+ s", line)))
+
+
+def test_sharded_build_json_counts_every_rank_and_names_each_ranks_tensorrt_steps(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    assert main(["build", str(spec_path("tiny-maverick")), "--target", "trt", "--tp", "2", "--weights", "random",
+                 "-o", str(tmp_path / "b"), "--json"]) == 0
+    out, err = capsys.readouterr()
+    report = json.loads(out)
+    phases = [(p["name"], p.get("within")) for p in report["phases"]]
+    assert phases[:2] == [("load spec", None), ("open weights", None)]
+    assert ("compile rank 1", None) in phases and ("passes", "compile rank 1") in phases
+    assert ("compat check", "TensorRT rank 0") in phases and ("compat check", "TensorRT rank 1") in phases
+    (written,) = [p for p in report["phases"] if p["name"] == "write weights"]
+    data = sum(size for name, size in report["files"].items() if name.endswith("/model.onnx.data"))
+    assert written["count"] == report["tensors"] and 0 < written["size"] <= data
+    assert re.search(r"^write weights: \d+/\d+ tensors, .* of .*, about .* left$", err, re.M), err
+    assert err.splitlines()[-1].startswith("build finished in ")
