@@ -230,3 +230,45 @@ def test_sharded_build_json_counts_every_rank_and_names_each_ranks_tensorrt_step
     assert written["count"] == report["tensors"] and 0 < written["size"] <= data
     assert re.search(r"^write weights: \d+/\d+ tensors, .* of .*, about .* left$", err, re.M), err
     assert err.splitlines()[-1].startswith("build finished in ")
+
+
+def test_verbose_adds_the_pipeline_and_each_pass(capsys, monkeypatch):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    args = ["build", str(spec_path("tiny-scout")), "--dry-run"]
+    assert main(args) == 0
+    plain = capsys.readouterr().err
+    assert main([*args, "-v"]) == 0
+    verbose = capsys.readouterr().err
+    for text in (plain, verbose):
+        assert re.search(r"^passes +[\d.]+ s  9 passes", text, re.M), text
+    assert "pipeline onnx-cpu: constant-fold" not in plain and "pipeline onnx-cpu: constant-fold" in verbose
+    assert re.search(r"^  moe-dispatch +[\d.]+ ms  changed  blocks=4", verbose, re.M), verbose
+    assert re.search(r"^passes: 1/9 passes, .*, constant-fold$", verbose, re.M), verbose   # the item it is at
+
+
+def test_run_on_a_terminal_it_shares_with_stdout_shows_no_bar_among_the_tokens(built_tiny):
+    """`run` with stdout and stderr on one terminal: the ids stay one unbroken line, the phase lines follow."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+    env = {**os.environ, "L4COMPILE_PROGRESS_INTERVAL": "0"}
+    proc = subprocess.Popen([sys.executable, "-m", "l4compile.cli", "run", str(built_tiny("tiny-scout")),
+                             "--prompt-ids", "1,2,3", "--max-new-tokens", "24", "--stop-ids", "255"],
+                            stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    chunks = []
+    while True:
+        try:
+            chunk = os.read(master, 65536)
+        except OSError:
+            break
+        if not chunk:
+            break
+        chunks.append(chunk)
+    os.close(master)
+    assert proc.wait() == 0
+    terminal = b"".join(chunks).decode().replace("\r\n", "\n")
+    assert "generate:" not in terminal and "generate ..." not in terminal, terminal
+    (ids,) = [line for line in terminal.split("\n") if line.startswith("1,2,3,")]
+    assert re.fullmatch(r"1,2,3(,\d+)+", ids), terminal
+    new = len(ids.split(",")) - 3
+    assert re.search(rf"\ngenerate +[\d.]+ s  {new} tokens?, [\d.,]+ tokens/s", terminal), terminal

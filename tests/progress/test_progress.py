@@ -201,6 +201,19 @@ def test_a_bar_only_the_ticker_drew_is_cleared_before_its_end_line(terminal):
     assert re.fullmatch(r"load reference +[\d.]+ s", Terminal.screen_lines(text)[0]), text
 
 
+def test_a_terminal_bar_is_drawn_at_most_once_per_interval(terminal):
+    terminal = terminal()
+    progress = Progress(terminal.stream, interval=0.5)
+    start = time.monotonic()
+    with progress.activate():
+        with current().phase("generate", total=50_000, unit="token") as task:
+            for _ in range(50_000):
+                task.advance(1)
+    elapsed = time.monotonic() - start
+    draws = [part for part in re.split(r"[\r\n]", terminal.close()) if part.startswith("generate:")]
+    assert len(draws) <= 2 + 2 * elapsed / 0.5 + 1   # tqdm's and the ticker's redraws, each once per interval
+
+
 def test_format_seconds():
     assert format_seconds(0.123) == "0.12 s" and format_seconds(42.4) == "42 s"
     assert format_seconds(185) == "3 min 05 s" and format_seconds(3 * 3600 + 120) == "3 h 02 min"
