@@ -190,7 +190,8 @@ def export_from_run(run: str | Path, out_dir: str | Path, dtype: str | None = No
     where, _ = latest_checkpoint(Path(run))
     spec = run_spec(run_dir_of(where))
     from l4compile.train.weights import ir_state_dict
-    tensors = ir_state_dict(load_model_state(where, spec), spec)
+    with current().phase("load checkpoint", detail=f"({where.name})"):
+        tensors = ir_state_dict(load_model_state(where, spec), spec)
     return export_state_dict(tensors, spec, out_dir, dtype or "float32", max_shard_bytes)
 
 

@@ -25,7 +25,9 @@ def test_train_writes_metrics_and_a_checkpoint_export_hf_reads(corpus, tmp_path,
     assert {"loss", "lr", "grad_norm", "tokens_per_s", "aux_loss"} <= set(metrics[0])
     assert metrics[-1]["eval_loss"] is not None and metrics[-1]["loss"] < metrics[0]["loss"]
     assert (run / "checkpoints" / "step-000003" / ".complete").is_file()
-    assert main(["export-hf", str(run), "-o", str(tmp_path / "hf")]) == 0
+    assert main(["export-hf", str(run), "-o", str(tmp_path / "hf"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert [p["name"] for p in report["phases"]] == ["load checkpoint", "write shards"]
     from transformers import Llama4ForCausalLM
     model = Llama4ForCausalLM.from_pretrained(tmp_path / "hf")
     assert model.config.num_hidden_layers == 4
