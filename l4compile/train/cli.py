@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -26,11 +27,17 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise TrainError("say where the run goes: -o RUN (or --resume RUN to continue one)")
         out = Path(args.output) if args.output else _run_of(Path(args.resume))
         opts = TrainOptions(**{name: getattr(args, name) for name in TrainOptions.__dataclass_fields__})
-        Trainer(spec, opts, out, Path(args.resume) if args.resume else None).run()
+        history = Trainer(spec, opts, out, Path(args.resume) if args.resume else None).run()
     except L4Error as exc:
         if int(os.environ.get("RANK", "0")) != 0:  # rank 0 reports; the others only exit
             raise SystemExit(exc.exit_code) from None
         raise
+    if args.json and int(os.environ.get("RANK", "0")) == 0:
+        from l4compile.train.checkpoint import latest_checkpoint
+        where, step = latest_checkpoint(out)
+        print(json.dumps({"command": "train", "spec": spec.name, "run": str(out), "checkpoint": str(where),
+                          "step": step, "steps_run": len(history), "last": history[-1] if history else None,
+                          **current().report()}, indent=2))
     return 0
 
 
@@ -85,6 +92,8 @@ def add_train_command(sub: argparse._SubParsersAction, positive: type) -> None:
     p.add_argument("--threads", type=options.cli_type(options.threads, int, "a thread count"),
                    help="torch intra-op threads")
     p.add_argument("--log-every", type=positive, default=1, help="print a step line every N steps")
+    p.add_argument("--json", action="store_true", help="print one machine-readable report on stdout at the end "
+                   "(run, last checkpoint, last step's metrics, phase times, warnings); metrics.jsonl has every step")
     from l4compile.progress import add_progress_args
     add_progress_args(p)
     p.set_defaults(func=cmd_train)

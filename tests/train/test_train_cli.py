@@ -41,8 +41,13 @@ def test_resume_reproduces_the_uninterrupted_losses(corpus, tmp_path, capsys):
     assert capsys.readouterr().err == ""     # --quiet: no step lines, no phases
     assert train(*common, "-o", split, "--stop-after", 2) == 0
     assert losses(split) == {k: v for k, v in losses(whole).items() if k <= 2}
-    assert train(*common, "--resume", split) == 0
+    capsys.readouterr()
+    assert train(*common, "--resume", split, "--json") == 0
     assert losses(split) == losses(whole)  # exactly: same data order, weights, optimizer state, schedule
+    report = json.loads(capsys.readouterr().out)
+    assert report["step"] == 4 and report["steps_run"] == 2 and report["last"]["loss"] == losses(whole)[4]
+    assert report["checkpoint"].endswith("step-000004") and report["run"] == str(split)
+    assert [p["name"] for p in report["phases"]] == ["read data", "load model", "train", "evaluate", "checkpoint"]
 
 
 def test_bad_input_is_one_clear_line(corpus, tmp_path, capsys):
