@@ -217,8 +217,13 @@ def emit_vision(spec: ModelSpec, options: BuildOptions, out_dir: Path | None,
     verify(graph)
     meta = {**_metadata(spec, options), "l4compile.graph": "vision"}
     meta.pop("l4compile.quantization", None)
-    artifact = emit_onnx(graph, out_dir, weights if out_dir is not None else None, VISION_DATA_FILE, meta,
-                         first_output=FEATURES)
+    if out_dir is not None and weights is not None:
+        params = graph.params()
+        with current().phase("write weights", total=len(params), unit="tensor",
+                             size_total=sum(v.type.nbytes() for v in params)) as task:
+            artifact = emit_onnx(graph, out_dir, weights, VISION_DATA_FILE, meta, task, first_output=FEATURES)
+    else:
+        artifact = emit_onnx(graph, out_dir, None, VISION_DATA_FILE, meta, first_output=FEATURES)
     with tempfile.TemporaryDirectory(prefix="l4compile-vision-") as scratch:
         where = Path(out_dir) if out_dir is not None else Path(scratch)
         if out_dir is None:   # a sparse data file of the real size, as for the text model's dry run
@@ -277,7 +282,8 @@ def dry_run(spec: ModelSpec, options: BuildOptions, log: Callable[[str], None] =
         files[CONFIG_FILE] = len(json.dumps(genai_config(spec, MODEL_FILE, None), indent=2)) + 1
     tensors, largest = artifact.tensors, artifact.largest_tensor_bytes
     if has_image_input(spec):
-        vision = emit_vision(spec, options, None, None)
+        with progress.phase("vision model"):
+            vision = emit_vision(spec, options, None, None)
         files.update({VISION_FILE: vision.model.ByteSize(), VISION_DATA_FILE: vision.weight_bytes})
         tensors, largest = tensors + vision.tensors, max(largest, vision.largest_tensor_bytes)
     return BuildReport(None, files, tensors, largest, results, dry_run=True,
@@ -336,9 +342,11 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
             with progress.phase("check"):
                 onnx.save_model(artifact.model, tmp / MODEL_FILE)
                 onnx.checker.check_model(str(tmp / MODEL_FILE), full_check=True)
+            tensors, largest = artifact.tensors, artifact.largest_tensor_bytes
             if has_image_input(spec):
                 with progress.phase("vision model"):
-                    emit_vision(spec, options, tmp, weights)
+                    vision = emit_vision(spec, options, tmp, weights)
+                tensors, largest = tensors + vision.tensors, max(largest, vision.largest_tensor_bytes)
             manifest = _manifest(spec, graph, options, weights.description)
             if tokenizer_files:
                 from l4compile.tokenizer_files import copy_tokenizer
@@ -358,7 +366,7 @@ def build(spec: ModelSpec, out_dir: Path, weights: WeightSource, options: BuildO
     finally:
         weights.close()
     files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
-    return BuildReport(out_dir, files, artifact.tensors, artifact.largest_tensor_bytes, results,
+    return BuildReport(out_dir, files, tensors, largest, results,
                        pipeline=graph.metadata["l4compile.pipeline"], quantization=options.quantization())
 
 

@@ -127,7 +127,7 @@ def test_full_size_dry_run_json(capsys, monkeypatch, tmp_path):
     report = json.loads(out)
     assert report["dry_run"] and report["output"] is None and report["total_bytes"] > 7e11
     assert report["disk"]["fits"] is (report["total_bytes"] <= report["disk"]["free_bytes"])
-    assert [p["name"] for p in report["phases"]] == ["load spec", "lower", "passes", "emit", "check"]
+    assert [p["name"] for p in report["phases"]] == ["load spec", "lower", "passes", "emit", "check", "vision model"]
     assert "emit " in err and err.splitlines()[-1].startswith("build finished in ")
 
 
@@ -272,3 +272,14 @@ def test_run_on_a_terminal_it_shares_with_stdout_shows_no_bar_among_the_tokens(b
     assert re.fullmatch(r"1,2,3(,\d+)+", ids), terminal
     new = len(ids.split(",")) - 3
     assert re.search(rf"\ngenerate +[\d.]+ s  {new} tokens?, [\d.,]+ tokens/s", terminal), terminal
+
+
+def test_a_vision_build_counts_the_vision_models_tensors_too(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("L4COMPILE_PROGRESS_INTERVAL", "0")
+    assert main(["build", str(spec_path("tiny-vision")), "--weights", "random", "-o", str(tmp_path / "b"),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    written = [(p.get("within"), p["count"], p["size"]) for p in report["phases"] if p["name"] == "write weights"]
+    (_, text, text_bytes), (within, vision, vision_bytes) = written
+    assert within == "vision model" and text + vision == report["tensors"]
+    assert 0 < vision_bytes <= report["files"]["vision.onnx.data"] and text_bytes <= report["files"]["model.onnx.data"]
