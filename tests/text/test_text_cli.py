@@ -57,6 +57,15 @@ def test_run_text_errors_are_one_line(text_build, built_tiny):
         usage = "--top-p" in args   # a bad option value is a usage error (exit 2)
         assert r.returncode == (2 if usage else 1) and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
+    r = cli("chat", built_tiny("tiny-scout"), stdin="Hi\n")
+    assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and no_tokenizer in r.stderr, r.stderr
+
+
+def test_a_bad_turn_of_the_chat_repl_is_one_line_and_the_session_goes_on(text_build, engine):
+    r = cli("chat", text_build, "--max-new-tokens", 10, *GREEDY, stdin="word " * 300 + "\nHello\n")
+    assert r.returncode == 0 and re.search(r"error: the chat is \d+ tokens; the model's context is 256", r.stderr)
+    assert r.stdout == engine.chat([{"role": "user", "content": "Hello"}], 10, temperature=0) + "\n"
+    assert "Traceback" not in r.stderr
 
 
 def test_build_with_tokenizer_from_a_spec(tokenizer_dir, tmp_path):
