@@ -31,6 +31,20 @@ def engine(text_build):
     return Engine.load(text_build)
 
 
+def test_the_issues_commands_from_a_checkpoint(text_checkpoint, engine, tmp_path):
+    """`build SPEC --weights CKPT` (the tokenizer files travel into the build, listed in the manifest), then
+    `run --prompt`: the text of the fixture's build of the same checkpoint."""
+    import json
+    assert cli("import-hf", text_checkpoint, "-o", tmp_path / "my.yaml").returncode == 0
+    r = cli("build", tmp_path / "my.yaml", "--weights", text_checkpoint, "-o", tmp_path / "my", "-q")
+    assert r.returncode == 0, r.stderr
+    files = json.loads((tmp_path / "my" / "manifest.json").read_text())["files"]
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json"):
+        assert name in files.values() and (tmp_path / "my" / name).read_bytes() == (text_checkpoint / name).read_bytes()
+    r = cli("run", tmp_path / "my", "--prompt", "The capital of France is", "--max-new-tokens", 32, *GREEDY, "-q")
+    assert r.returncode == 0 and r.stdout == engine.complete("The capital of France is", 32, temperature=0)
+
+
 def test_run_prompt_prints_the_completion_only(text_build, engine, tmp_path):
     r = cli("run", text_build, "--prompt", "The capital of France is", "--max-new-tokens", 20, *GREEDY)
     assert r.returncode == 0 and r.stdout == engine.complete("The capital of France is", 20, temperature=0)
