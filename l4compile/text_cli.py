@@ -164,6 +164,7 @@ class ChatSession:
 def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Read a line, stream the answer; /reset, /exit, EOF. Errors of one turn are one line; the session goes on."""
     from l4compile.errors import L4Error
+    from l4compile.progress import current
     session = ChatSession(engine, args.system, args.max_new_tokens)
     engine.chat_template   # a build without a template fails here, before the first prompt
     options = sampling_options(args)
@@ -203,8 +204,9 @@ def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr
             except L4Error as exc:
                 notice(f"error: {exc}")
             continue
-        try:
-            session.answer(text, stdout, notice, **options)
+        try:   # -v: a line after each answer with its tokens, tokens/s and first token's latency
+            with current().phase("answer", unit="token", live=False, summary=False) as task:
+                session.answer(text, stdout, notice, on_token=lambda token: _count_token(task), **options)
         except L4Error as exc:
             notice(f"error: {exc}")
         except KeyboardInterrupt:   # before the answer began (preparing the prompt): nothing was said

@@ -1,5 +1,5 @@
 """Progress of the text commands: `run --prompt` counts its tokens on stderr (the text alone on stdout), and
-`chat` says what loading the engine took before its first prompt."""
+`chat` says what loading the engine took before its first prompt (and, with -v, each answer's tokens/s)."""
 
 from __future__ import annotations
 
@@ -39,6 +39,12 @@ def test_chat_says_what_loading_took_before_its_first_prompt(text_build, capsys,
     assert main(["chat", str(text_build), "--max-new-tokens", "4", "--temperature", "0"]) == 0
     err = capsys.readouterr().err
     assert re.match(r"load engine +[\d.]+ s\nchatting with ", err), err
+    assert not re.search(r"^answer ", err, re.M)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\nAgain\n"))
+    assert main(["chat", str(text_build), "--max-new-tokens", "4", "--temperature", "0", "-v"]) == 0
+    answers = re.findall(r"^(?:> )?answer +[\d.]+ s  (\d) tokens?, [\d.,]+ tokens/s, first token after [\d.]+ s$",
+                         capsys.readouterr().err, re.M)
+    assert len(answers) == 2 and all(1 <= int(n) <= 4 for n in answers)
     monkeypatch.setattr(sys, "stdin", io.StringIO("Hi\n"))
     assert main(["chat", str(text_build), "--max-new-tokens", "4", "--temperature", "0", "-q"]) == 0
     err = capsys.readouterr().err
