@@ -3,6 +3,8 @@ and KV-cache decoding, onnxruntime and the torch module; fp32 logits within 1e-4
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -112,9 +114,22 @@ def test_hf_imported_checkpoint_matches_transformers_with_every_pipeline(tmp_pat
 # sqrt(80) ~ 9 U16 of the logits' scale. We allow 16 U16 of the largest reference logit (measured:
 # 2.7-3.8 U16). What a real bug does is far outside it: on these specs and prompts, dropping
 # temperature tuning moves the float32 logits by 0.09-0.15 (51-83 U16 of the scale), dropping the
-# chunk mask by 3.6-4.5.
+# chunk mask by 3.6-4.5 (the first is checked below).
 U16 = 2.0 ** -11
 FLOAT16_ULPS = 16
+FLOAT16_IDS = token_ids(2, 21, seed=2)
+
+
+def decode_steps(engine: Engine) -> np.ndarray:
+    """A 5-token prefill, then one token at a time to 21: the logits of every position."""
+    cache = engine.new_cache(batch=2, max_length=21)
+    out = [engine.step(FLOAT16_IDS[:, :5], cache, logits_start=0)]
+    out += [engine.step(FLOAT16_IDS[:, s:s + 1], cache, logits_start=0) for s in range(5, 21)]
+    return np.concatenate(out, axis=1)
+
+
+def float16_tolerance(reference: np.ndarray) -> float:
+    return FLOAT16_ULPS * U16 * float(np.abs(reference).max())
 
 
 @pytest.mark.parametrize("name", TINY_SPECS)
@@ -124,16 +139,21 @@ def test_float16_builds_equal_the_float32_reference(name, pipeline, built, tmp_p
     scatter-add: every pipeline runs in float16) against the float32 straight lowering, crossing chunk
     boundaries and temperature floor steps."""
     from l4compile.build import BuildOptions, build
-    ids = token_ids(2, 21, seed=2)
-
-    def steps(engine):
-        cache = engine.new_cache(batch=2, max_length=21)
-        out = [engine.step(ids[:, :5], cache, logits_start=0)]
-        out += [engine.step(ids[:, s:s + 1], cache, logits_start=0) for s in range(5, 21)]
-        return np.concatenate(out, axis=1)
     build(load(name), tmp_path / "fp16", RandomWeights(0), BuildOptions(pipeline=pipeline, dtype="float16"),
           log=lambda _: None)
     engine = Engine.load(tmp_path / "fp16")
     assert engine.manifest.dtype == "float16"
-    want = steps(Engine.load(built(name, "none")))
-    np.testing.assert_allclose(steps(engine), want, atol=FLOAT16_ULPS * U16 * np.abs(want).max(), rtol=0)
+    want = decode_steps(Engine.load(built(name, "none")))
+    np.testing.assert_allclose(decode_steps(engine), want, atol=float16_tolerance(want), rtol=0)
+
+
+@pytest.mark.parametrize("name", TINY_SPECS)
+def test_the_float16_tolerance_would_catch_a_dropped_feature(name, built, tmp_path):
+    """The same float32 model without temperature tuning lands more than twice the float16 tolerance
+    away from the reference (measured 51-83 U16 against 16): a float16 build missing it would fail."""
+    from l4compile.build import BuildOptions, build
+    spec = load(name)
+    untuned = dataclasses.replace(spec, attention=dataclasses.replace(spec.attention, temperature_tuning=None))
+    build(untuned, tmp_path / "untuned", RandomWeights(0), BuildOptions(pipeline="none"), log=lambda _: None)
+    want = decode_steps(Engine.load(built(name, "none")))
+    assert np.abs(decode_steps(Engine.load(tmp_path / "untuned")) - want).max() > 2 * float16_tolerance(want)
