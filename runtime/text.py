@@ -82,6 +82,7 @@ class Tokenizer:
         self.special_tokens = special_tokens    # "bos_token" -> "<|begin_of_text|>", ...
         self.config = config                    # tokenizer_config.json
         self._special_ids = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+        self.byte_run_ids = _byte_run_ids(backend)
 
     @classmethod
     def load(cls, tokenizer_file: Path, config_file: Path | None = None,
@@ -141,6 +142,17 @@ class Tokenizer:
         return StreamDecoder(self, skip_special_tokens)
 
 
+def _byte_run_ids(backend) -> frozenset[int]:
+    """The `<0xNN>` tokens of a tokenizer whose decoder has ByteFallback (SentencePiece's layout). It decodes a run of
+    them as a whole: its UTF-8 text, or one U+FFFD per byte when the run is not valid UTF-8, so one more byte token
+    can turn characters already complete into replacements. Byte-level tokenizers (Llama 4's) have none."""
+    decoder = backend.decoder
+    if decoder is None or b'"ByteFallback"' not in decoder.__getstate__():
+        return frozenset()
+    ids = (backend.token_to_id(f"<0x{byte:02X}>") for byte in range(256))
+    return frozenset(i for i in ids if i is not None)
+
+
 def _set_post_processor(backend, special: dict[str, str], add_bos: bool, add_eos: bool) -> None:
     """transformers' TokenizersBackend.update_post_processor: BOS/EOS from the config's flags."""
     from tokenizers import processors
@@ -159,7 +171,9 @@ class StreamDecoder:
     of one character, and decoders strip or add spaces at the start of a sequence. So each step decodes
     the ids from `prefix` (a few tokens back, already emitted) to the end and emits what that window
     adds beyond the text of its already-read part, unless it ends in an incomplete character; the window
-    then moves up. This is the approach of text-generation-inference and tokenizers' DecodeStream.
+    then moves up. This is the approach of text-generation-inference and tokenizers' DecodeStream, with one
+    difference: a run of byte-fallback tokens is held until it ends, since a later byte of the run can turn
+    its text into replacement characters (DecodeStream's pieces then differ from the decoded text).
     """
 
     def __init__(self, tokenizer: Tokenizer, skip_special_tokens: bool = True) -> None:
@@ -175,7 +189,12 @@ class StreamDecoder:
 
     def step(self, token_id: int) -> str:
         """Add one token; returns the newly final text ("" while a character is incomplete)."""
-        self.ids.append(int(token_id))
+        token_id = int(token_id)
+        self.ids.append(token_id)
+        if token_id in self.tokenizer.byte_run_ids:   # the run's text is final once it ends
+            return ""
+        if self.skip_special_tokens and self.tokenizer.is_special(token_id):   # no text (a byte run goes on across it)
+            return ""
         before = self._decode(self.ids[self.prefix:self.read])
         after = self._decode(self.ids[self.prefix:])
         if len(after) > len(before) and not after.endswith(REPLACEMENT) and after.startswith(before):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from l4compile.runtime.chat import ChatTemplate, TemplateError
@@ -117,7 +118,8 @@ def byte_fallback_tokenizer():
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
                                          decoders.Strip(" ", 1, 0)])
-    return Tokenizer(backend, {}, {})
+    backend.add_special_tokens(["<s>", "</s>"])
+    return Tokenizer(backend, {"bos_token": "<s>", "eos_token": "</s>"}, {})
 
 
 @pytest.fixture(scope="module", params=["byte-level (Llama 4)", "byte-fallback (SentencePiece)"])
@@ -131,7 +133,7 @@ def stream_tokenizer(request, tmp_path_factory):
 @pytest.mark.parametrize("text", STREAM_TEXTS)
 def test_streamed_pieces_are_final_and_join_to_the_decoded_text(stream_tokenizer, text):
     ids = stream_tokenizer.encode(text, add_special_tokens=False)
-    if stream_tokenizer.config == {} and not text.isascii():   # byte fallback: emoji and CJK are byte tokens
+    if stream_tokenizer.byte_run_ids and not text.isascii():   # byte fallback: emoji and CJK are byte tokens
         assert any(stream_tokenizer.backend.id_to_token(i).startswith("<0x") for i in ids)
     decoder = stream_tokenizer.stream_decoder()
     pieces = [decoder.step(i) for i in ids] + [decoder.finish()]
@@ -139,11 +141,37 @@ def test_streamed_pieces_are_final_and_join_to_the_decoded_text(stream_tokenizer
     assert "".join(pieces) == full
     assert full == text   # leading spaces kept: the decoder's strip undoes the normalizer's prepended "▁"
     assert not any("\ufffd" in piece for piece in pieces)     # never half a character
-    # tokenizers' own DecodeStream (Rust) emits the same pieces
+    # tokenizers' own DecodeStream (Rust) emits the same pieces, except that a run of byte-fallback tokens is
+    # held until it ends (DecodeStream emits its characters as they complete; see the test below)
     from tokenizers.decoders import DecodeStream
     rust = DecodeStream(skip_special_tokens=True)
     theirs = [rust.step(stream_tokenizer.backend, i) or "" for i in ids]
-    assert [p for p in pieces[:-1] if p] == [p for p in theirs if p]
+    if not stream_tokenizer.byte_run_ids:
+        assert [p for p in pieces[:-1] if p] == [p for p in theirs if p]
+    assert "".join(theirs) == full
+
+
+def random_ids(tokenizer: Tokenizer, seed: int) -> list[int]:
+    """What a model with random weights emits: any tokens, byte tokens that never complete a character, special
+    tokens in between."""
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, tokenizer.vocab_size, int(rng.integers(1, 40))).tolist()
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_streamed_pieces_of_random_ids_join_to_their_decoded_text(stream_tokenizer, skip_special_tokens):
+    """A run of byte-fallback tokens decodes as a whole (one U+FFFD per byte where it is not valid UTF-8): a later
+    byte can turn a character already complete into replacements, so the run is held until it ends."""
+    for seed in range(300):
+        ids = random_ids(stream_tokenizer, seed)
+        decoder = stream_tokenizer.stream_decoder(skip_special_tokens)
+        pieces = [decoder.step(i) for i in ids] + [decoder.finish()]
+        assert "".join(pieces) == stream_tokenizer.decode(ids, skip_special_tokens), ids
+    if stream_tokenizer.byte_run_ids:   # <0xD9><0xBC> is "ټ", but <0xD9><0xBC><0xBC> is three replacements
+        run = [stream_tokenizer.token_id(f"<0x{byte:02X}>") for byte in (0xD9, 0xBC, 0xBC)]
+        decoder = stream_tokenizer.stream_decoder()
+        pieces = [decoder.step(i) for i in run] + [decoder.finish()]
+        assert stream_tokenizer.decode(run[:2]) == "ټ" and pieces == ["", "", "", "\ufffd" * 3]
 
 
 def test_stream_of_invalid_bytes_still_joins_to_the_decoded_text(stream_tokenizer):
