@@ -149,9 +149,9 @@ class ChatSession:
         said: list[str] = []
         try:
             for piece in pieces:
+                said.append(piece)   # first: a Ctrl-C right after the user sees a piece keeps it in the history
                 out.write(piece)
                 out.flush()
-                said.append(piece)
         except KeyboardInterrupt:
             pieces.close()
             notice("\n(stopped)")

@@ -71,7 +71,7 @@ def test_run_text_errors_are_one_line(text_build, built_tiny):
         usage = "--top-p" in args   # a bad option value is a usage error (exit 2)
         assert r.returncode == (2 if usage else 1) and message in r.stderr and "Traceback" not in r.stderr, r.stderr
         assert r.stdout == "" and len(r.stderr.strip().splitlines()) == 1
-    r = cli("chat", built_tiny("tiny-scout"), stdin="Hi\n")
+    r = cli("chat", built_tiny("tiny-scout"), "-q", stdin="Hi\n")
     assert r.returncode == 1 and r.stdout == "" and r.stderr.count("\n") == 1 and no_tokenizer in r.stderr, r.stderr
 
 
