@@ -78,7 +78,8 @@ def stop_tokens(value: Any) -> tuple[int, ...] | None:
     """A list or tuple of token ids (None: the build's eos ids); a bare int is a mistake, not a list of one."""
     if value is None:
         return None
-    if isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or isinstance(value, numbers.Number):
+    if (isinstance(value, (str, bytes)) or not isinstance(value, Iterable) or isinstance(value, numbers.Number)
+            or getattr(value, "ndim", 1) == 0):   # np.array(2) is Iterable to isinstance, but iterating it fails
         raise RuntimeInputError(f"stop_tokens must be a list of token ids, got {value!r} ({type(value).__name__})")
     return tuple(integer("stop token", v, 0, INT64_MAX) for v in value)
 

@@ -29,6 +29,8 @@ BAD_GENERATE = [
     ({"seed": 1.0}, "seed must be an integer"),
     ({"stop_tokens": 2}, "stop_tokens must be a list"),
     ({"stop_tokens": "2"}, "stop_tokens must be a list"),
+    ({"stop_tokens": np.array(2)}, "stop_tokens must be a list"),
+    ({"stop_tokens": np.int64(2)}, "stop_tokens must be a list"),
     ({"stop_tokens": [2.5]}, "stop token must be an integer"),
     ({"stop_tokens": [-3]}, "stop token must be >= 0"),
 ]
