@@ -61,6 +61,11 @@ class Engine(TextGeneration):
             raise BuildDirError(f"{directory}: a sharded TensorRT build runs one engine per GPU: "
                                 f"python -m l4compile.runtime.trt_launcher {directory} (or backend='onnxruntime' "
                                 "to run every rank here on CPU)")
+        rank = (manifest.sharding or {}).get("rank")
+        if rank is not None and name == "onnxruntime":   # its collectives are TensorRT plugins
+            raise BuildDirError(f"{directory}: rank {rank} of a sharded build: its graph runs on TensorRT only, with "
+                                f"the other ranks; load the build's top directory ({directory.parent}) to run every "
+                                "rank here on onnxruntime")
         if sharded and name == "onnxruntime":   # every rank in this process, host-reduced
             from l4compile.runtime.sharded_backend import ShardedOnnxRuntimeBackend
             text = ShardedOnnxRuntimeBackend.load(directory, manifest, providers, threads)

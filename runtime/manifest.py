@@ -114,7 +114,8 @@ def _file_name(value: Any) -> bool:
 
 
 def _nonneg_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+    """0 <= value < 2**63: every count and id of a build fits int64 (numpy and onnxruntime take no more)."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**63
 
 
 def _positive_int(value: Any) -> bool:
@@ -123,6 +124,10 @@ def _positive_int(value: Any) -> bool:
 
 def _str(value: Any) -> bool:
     return isinstance(value, str)
+
+
+def _float_dtype(value: Any) -> bool:
+    return value in ("float32", "float16", "bfloat16")
 
 
 def _optional(check):
@@ -137,6 +142,13 @@ def _dict_of(check_key, check_value):
     return lambda value: isinstance(value, dict) and all(check_key(k) and check_value(v) for k, v in value.items())
 
 
+def _fields(required: dict[str, Any], optional: dict[str, Any] | None = None):
+    """An object holding `required` fields (and maybe `optional` ones) of the given checks; other fields pass."""
+    optional = optional or {}
+    return lambda value: (isinstance(value, dict) and all(k in value and check(value[k]) for k, check in required.items())
+                          and all(k not in value or check(value[k]) for k, check in optional.items()))
+
+
 def _record(value: Any) -> bool:
     return (isinstance(value, dict) and set(value) == {"bytes", "sha256"} and _nonneg_int(value["bytes"])
             and isinstance(value["sha256"], str) and len(value["sha256"]) == 64)
@@ -147,10 +159,32 @@ _LAYER = {"index": _nonneg_int, "attention": lambda v: v in ("chunked", "global"
           "kv_capacity": _optional(_positive_int), "num_kv_heads": _positive_int, "head_dim": _positive_int,
           "num_heads": (_optional(_positive_int), False)}
 _TOKEN = _optional(_nonneg_int)
+# What the runtime reads of a vision build (runtime/vision.py); a rank of a sharded build has no files of its own.
+_VISION = _fields({"files": _optional(lambda v: _dict_of(_str, _file_name)(v) and "model" in v),
+                   "dtype": _float_dtype, "input": _str,
+                   "output": _str, "features_input": _str, "image_size": _positive_int, "patch_size": _positive_int,
+                   "num_channels": _positive_int, "tokens_per_tile": _positive_int, "hidden_size": _positive_int,
+                   "image_token": _nonneg_int},
+                  {"prompt_tokens": _optional(_dict_of(_str, _nonneg_int)), "rank": _nonneg_int})
+_SHARDING_FIELDS = _fields({"tp": _positive_int}, {
+    "rank": _nonneg_int, "kv_heads_per_rank": _positive_int, "ranks": _list_of(_file_name),
+    "segments": _list_of(_file_name),
+    "reductions": _list_of(_list_of(lambda pair: _list_of(_str)(pair) and len(pair) == 2))})
+
+
+def _sharding(value: Any) -> bool:
+    """A sharded build's top manifest names its ranks, and one list of reductions per segment
+    (runtime/sharded_backend.py); a rank's own manifest says only tp and rank."""
+    if not _SHARDING_FIELDS(value) or not value.get("ranks"):
+        return _SHARDING_FIELDS(value)
+    return ("kv_heads_per_rank" in value and "segments" in value and "reductions" in value
+            and len(value["reductions"]) == len(value["segments"]))
+
+
 # field -> (check, required); sub-schemas (dicts) are for lists of objects
 _MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
     "model_name": (_str, True), "spec_hash": (_str, True), "target": (_str, True), "backend": (_str, True),
-    "dtype": (lambda v: v in ("float32", "float16", "bfloat16"), True), "pipeline": (_str, True),
+    "dtype": (_float_dtype, True), "pipeline": (_str, True),
     "files": (_dict_of(_str, _file_name), True), "inputs": (_TENSOR, True), "outputs": (_TENSOR, True),
     "vocab_size": (_positive_int, True), "max_position_embeddings": (_positive_int, True),
     "layers": (_LAYER, True),
@@ -162,6 +196,7 @@ _MANIFEST_SCHEMA: dict[str, tuple[Any, bool]] = {
     "quantization": (_optional(lambda v: isinstance(v, dict)), False),
     "trt": (_optional(lambda v: isinstance(v, dict)), False),
     "checksums": (_optional(_dict_of(_file_name, _record)), False),
+    "vision": (_optional(_VISION), False), "sharding": (_optional(_sharding), False),
     "text": (_optional(lambda v: isinstance(v, dict) and _optional(_list_of(_nonneg_int))(v.get("stop_tokens"))
                        and _optional(lambda s: isinstance(s, dict))(v.get("sampling"))), False),
 }

@@ -46,7 +46,9 @@ class OnnxRuntimeBackend:
             # at load (onnxruntime keeps DequantizeLinear unfolded for QDQ fusion unless told otherwise).
             # The files stay fp8; memory and speed are those of the build's float dtype.
             options.add_session_config_entry("session.disable_quant_qdq", "1")
-        return cls(manifest, create_session(model, options, providers, directory))
+        session = create_session(model, options, providers, directory)
+        check_names(directory, manifest, session)
+        return cls(manifest, session)
 
     def forward(self, ids: np.ndarray, image_features: np.ndarray | None = None) -> np.ndarray:
         """A build without a KV cache: ids -> logits."""
@@ -138,16 +140,81 @@ def split_features(features: np.ndarray | None, parts: list[np.ndarray],
     return [np.ascontiguousarray(features[end - count:end]) for count, end in zip(counts, ends)]
 
 
-def create_session(model: Path, options, providers: list[str], directory: Path):
+def create_session(model: Path, options, providers: list[str], directory: Path) -> "CheckedSession":
     """An onnxruntime session, or one BuildDirError naming the file (onnxruntime's own log stays quiet)."""
     import onnxruntime as ort
     options.log_severity_level = 4   # fatal only: a failure is our one-line BuildDirError, not ORT's log
     try:
-        return ort.InferenceSession(str(model), options, providers=providers)
+        return CheckedSession(ort.InferenceSession(str(model), options, providers=providers), model, directory)
     except Exception as exc:   # onnxruntime raises its own types (Fail, InvalidProtobuf, RuntimeException...)
         raise BuildDirError(f"{model}: onnxruntime cannot load the model ({_first_line(exc)}); the build is "
                             f"damaged or incomplete: check it with `l4compile verify {directory}`, "
                             "or rebuild it") from None
+
+
+class CheckedSession:
+    """An onnxruntime session whose failures while running are one BuildDirError naming the model file.
+
+    Inputs are checked before they reach a session (RuntimeInputError), so what onnxruntime still refuses
+    comes from the build: a manifest edited to disagree with its model (a layer's KV capacity, heads or
+    layout), or a damaged file that loaded."""
+
+    def __init__(self, session, model: Path, directory: Path) -> None:
+        self.session, self.model, self.directory = session, model, directory
+
+    def __getattr__(self, name: str):
+        return getattr(self.session, name)
+
+    def run(self, *args, **kwargs):
+        try:
+            return self.session.run(*args, **kwargs)
+        except _onnxruntime_errors() as exc:
+            raise self._error(exc) from None
+
+    def run_with_iobinding(self, binding, *args):
+        try:
+            return self.session.run_with_iobinding(binding, *args)
+        except _onnxruntime_errors() as exc:
+            raise self._error(exc) from None
+
+    def _error(self, exc: Exception) -> BuildDirError:
+        return BuildDirError(f"{self.model}: onnxruntime failed running the model ({_first_line(exc)}); if the "
+                             f"build was edited or damaged, `l4compile verify {self.directory}` checks its files, "
+                             "else rebuild it")
+
+
+def _onnxruntime_errors() -> tuple[type[Exception], ...]:
+    """onnxruntime's exception types: its own classes, the RuntimeError of a failed run_with_iobinding and the
+    ValueError of a feed that misses an input."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+    return (RuntimeError, ValueError,
+            *(v for v in vars(state).values() if isinstance(v, type) and issubclass(v, Exception)))
+
+
+def check_names(directory: Path, manifest: Manifest, session) -> None:
+    """The names the backend binds (the manifest's KV cache names for its layers, input_ids, logits) must be the
+    model's, and every input of the model must be one of them: else a BuildDirError naming the manifest field
+    (an edited manifest would fail inside onnxruntime at the first step)."""
+    inputs = {i.name: i for i in session.get_inputs()}
+    outputs = {o.name for o in session.get_outputs()}
+    kv = manifest.kv_cache
+    bound = {"input_ids": "inputs", "logits": "outputs"}
+    if kv:
+        bound.update({kv["past_length"]: "kv_cache.past_length", kv["logits_start"]: "kv_cache.logits_start"})
+        for layer in manifest.layers:
+            for part in ("past_key", "past_value", "new_key", "new_value"):
+                bound[kv[part].format(i=layer.index)] = f"kv_cache.{part} of layers[{layer.index}]"
+    features = (manifest.vision or {}).get("features_input")
+    if features:
+        bound[features] = "vision.features_input"
+    where = f"{directory / 'manifest.json'}: malformed manifest"
+    for name, field in bound.items():
+        if name not in inputs and name not in outputs:
+            raise BuildDirError(f"{where}: {field} names {name!r}, which {manifest.files['model']} does not have")
+    unbound = sorted(set(inputs) - set(bound))
+    if unbound:
+        raise BuildDirError(f"{where}: {manifest.files['model']} takes input {unbound[0]!r}, which no field of the "
+                            "manifest names (its layers or kv_cache were edited)")
 
 
 def _first_line(exc: Exception) -> str:

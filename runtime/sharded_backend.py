@@ -53,6 +53,7 @@ class ShardedOnnxRuntimeBackend:
                     raise BuildDirError(f"{directory}: segment {folder}/{name} of the sharded build is missing")
                 sessions.append(create_session(path, options, providers, directory))
             ranks.append(sessions)
+        check_names(directory, manifest, ranks)
         return cls(manifest, ranks)
 
     def _inputs_of_step(self, ids: np.ndarray, image_features: np.ndarray | None) -> dict[str, np.ndarray]:
@@ -99,3 +100,39 @@ class ShardedOnnxRuntimeBackend:
                 for env in envs:
                     env[total] = summed
         return envs
+
+
+def check_names(directory: Path, manifest: Manifest, ranks: list[list]) -> None:
+    """Every value a segment takes must come from the manifest's names (ids, KV cache of its layers, image
+    features) or from an earlier segment or reduction, and the layers' KV heads must be the ranks' together:
+    else the manifest was edited to disagree with the segments, and this says where, before any step runs."""
+    sharding, kv, where = manifest.sharding, manifest.kv_cache, f"{directory / 'manifest.json'}: malformed manifest"
+    heads = sharding["kv_heads_per_rank"] * len(ranks)
+    for layer in manifest.layers:
+        if layer.num_kv_heads != heads:
+            raise BuildDirError(f"{where}: layers[{layer.index}].num_kv_heads is {layer.num_kv_heads}, but "
+                                f"{len(ranks)} ranks of {sharding['kv_heads_per_rank']} KV heads hold {heads}")
+    given, needed = {"input_ids"}, {"logits"}
+    if manifest.vision:
+        given.add(manifest.vision["features_input"])
+    if kv:
+        given |= {kv["past_length"], kv["logits_start"]}
+        given |= {kv[part].format(i=layer.index) for layer in manifest.layers for part in ("past_key", "past_value")}
+        needed |= {kv[part].format(i=layer.index) for layer in manifest.layers for part in ("new_key", "new_value")}
+    for folder, sessions in zip(sharding["ranks"], ranks):
+        available = set(given)
+        for segment, session, reductions in zip(sharding["segments"], sessions, sharding["reductions"]):
+            missing = [i.name for i in session.get_inputs() if i.name not in available]
+            if missing:
+                raise BuildDirError(f"{where}: {folder}/{segment} takes {missing[0]!r}, which neither its layers and "
+                                    "kv_cache nor an earlier segment give")
+            available |= {o.name for o in session.get_outputs()}
+            missing = [partial for partial, _ in reductions if partial not in available]
+            if missing:
+                raise BuildDirError(f"{where}: sharding.reductions sums {missing[0]!r}, which {folder}/{segment} "
+                                    "does not give")
+            available |= {total for _, total in reductions}
+        absent = sorted(needed - available)
+        if absent:
+            raise BuildDirError(f"{where}: the runtime reads {absent[0]!r} (its layers and kv_cache), which no "
+                                f"segment of {folder} gives")

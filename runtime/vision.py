@@ -31,6 +31,9 @@ class VisionEncoder:
         if backend == "tensorrt":
             from l4compile.runtime.trt_backend import TensorRTBackend
             return cls(info, TensorRTBackend.load_vision(directory, manifest))
+        if not info.get("files"):   # a rank of a sharded build: the encoder is in rank 0's folder
+            raise BuildDirError(f"{directory}: this rank of a sharded build has no vision model of its own; load the "
+                                "build's top directory")
         model = directory / info["files"]["model"]
         if not model.is_file():
             raise BuildDirError(f"{directory}: vision model file {info['files']['model']} is missing")
@@ -39,7 +42,9 @@ class VisionEncoder:
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
-        return cls(info, create_session(model, options, providers or ["CPUExecutionProvider"], directory))
+        session = create_session(model, options, providers or ["CPUExecutionProvider"], directory)
+        check_session(directory, info, session)
+        return cls(info, session)
 
     def check_pixels(self, pixel_values) -> np.ndarray:
         """float [tiles, C, S, S] with tiles >= 1, in the model's dtype."""
@@ -75,3 +80,19 @@ class VisionEncoder:
                                     f"{features.shape[0]} features ({tiles:g} tiles of {self.tokens_per_tile}); "
                                     f"expand the prompt with one image token per feature")
         return np.ascontiguousarray(features.astype(self.dtype, copy=False))
+
+
+def check_session(directory: Path, info: dict, session) -> None:
+    """The manifest's `vision` must name the model's input and output, and give the tile shape its input takes
+    (else an edited manifest fails inside onnxruntime, or sizes the images it preprocesses wrongly)."""
+    where = f"{directory / 'manifest.json'}: malformed manifest: vision"
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    if info["input"] not in inputs:
+        raise BuildDirError(f"{where}.input names {info['input']!r}, which {info['files']['model']} does not take")
+    if info["output"] not in {o.name for o in session.get_outputs()}:
+        raise BuildDirError(f"{where}.output names {info['output']!r}, which {info['files']['model']} does not give")
+    shape = inputs[info["input"]]
+    expected = [info["num_channels"], info["image_size"], info["image_size"]]
+    if len(shape) != 4 or any(isinstance(d, int) and d != e for d, e in zip(shape[1:], expected)):
+        raise BuildDirError(f"{where}: tiles of {expected[0]}x{expected[1]}x{expected[2]} (num_channels, image_size), "
+                            f"but {info['files']['model']} takes {shape}")
