@@ -219,6 +219,7 @@ def cmd_chat(args: argparse.Namespace) -> int:
     progress = current()
     with progress.phase("load engine"):
         engine = Engine.load(args.build, threads=args.threads, backend=args.backend)
+        engine.chat_template   # a build without a tokenizer or template fails here: its error is the one line
     progress.flush()   # what loading took, before the first prompt
     return repl(engine, args, sys.stdin, sys.stdout, sys.stderr)
 
