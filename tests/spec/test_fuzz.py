@@ -1,13 +1,17 @@
 """Property-based: typed mutations of the shipped specs, through the CLI's main() in-process.
 
 Whatever the mutation, the answer is exit 0, or exit 1/2 with one line that names the spec file (and,
-for spec errors, `file:line: field:` where the field exists); never a traceback, never a leftover file.
+for spec errors, `file:line: field:` where the field exists); never a traceback, never a leftover file, and
+bounded memory: the peak of Python and numpy allocations (tracemalloc) stays under a fixed bound (the
+shipped specs take ~7 MB for inspect and ~6 MB for a tiny dry run; a per-layer or per-element allocation of
+an absurd size would take gigabytes). Time is bounded by the same sizes (no clock in tests).
 """
 
 from __future__ import annotations
 
 import math
 import re
+import tracemalloc
 
 import pytest
 import yaml
@@ -86,6 +90,22 @@ def check_outcome(code, err, spec_file):
         assert re.match(rf"l4compile: error: {re.escape(str(spec_file))}(:\d+)?: ", err), err
 
 
+INSPECT_PEAK_BYTES = 64 << 20
+DRY_RUN_PEAK_BYTES = 256 << 20
+
+
+def bounded(argv: list[str], peak_bytes: int) -> int:
+    """main(argv), asserting the peak of the memory it allocates through Python and numpy."""
+    tracemalloc.start()
+    try:
+        code = main(argv)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak <= peak_bytes, f"{argv[0]} allocated {peak / 2**20:.0f} MiB at its peak"
+    return code
+
+
 FUZZ = settings(deadline=None, database=None,
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 
@@ -96,7 +116,7 @@ def test_inspect_any_mutation(text, tmp_path_factory, capsys):
     work = tmp_path_factory.mktemp("fuzz")
     spec_file = work / "spec.yaml"
     spec_file.write_text(text)
-    code = main(["inspect", str(spec_file), "--json", "--context", "100000"])
+    code = bounded(["inspect", str(spec_file), "--json", "--context", "100000"], INSPECT_PEAK_BYTES)
     check_outcome(code, capsys.readouterr().err, spec_file)
     assert [p.name for p in work.iterdir()] == ["spec.yaml"]
 
@@ -108,7 +128,7 @@ def test_dry_run_any_mutation_of_the_tiny_specs(text, tmp_path_factory, capsys, 
     monkeypatch.chdir(work)
     spec_file = work / "spec.yaml"
     spec_file.write_text(text)
-    code = main(["build", str(spec_file), "--dry-run", "-q"])
+    code = bounded(["build", str(spec_file), "--dry-run", "-q"], DRY_RUN_PEAK_BYTES)
     captured = capsys.readouterr()
     check_outcome(code, captured.err, spec_file)
     assert [p.name for p in work.iterdir()] == ["spec.yaml"]
