@@ -97,7 +97,11 @@ def check(directory: Path, records: Mapping[str, dict] | None, required: Mapping
                                 f"({'truncated' if size < info['bytes'] else 'grown'}; rebuild it)")
     if checksums:
         for name, info in (records or {}).items():
-            if sha256_of(directory / name, on_bytes) != info["sha256"]:
+            try:
+                digest = sha256_of(directory / name, on_bytes)
+            except OSError as exc:   # unreadable (permissions) or a failing disk
+                raise BuildDirError(f"{directory / name}: cannot read it ({exc.strerror or exc})") from None
+            if digest != info["sha256"]:
                 raise BuildDirError(f"{directory / name}: checksum mismatch: the file is damaged (rebuild it)")
             if on_file is not None:
                 on_file(name)

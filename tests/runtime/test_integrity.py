@@ -77,6 +77,20 @@ def test_same_size_damage_is_caught_by_checksums(build, built_tiny, capsys):
     assert err.count("\n") == 1 and "model.onnx.data: checksum mismatch" in err
 
 
+def test_an_unreadable_file_is_one_build_dir_error(build, monkeypatch, capsys):
+    """Permissions (or a failing disk) while hashing: the file named, not an OSError from inside the check."""
+    from l4compile.runtime import integrity
+
+    def unreadable(path, on_bytes=None):
+        raise PermissionError(13, "Permission denied", str(path))
+    monkeypatch.setattr(integrity, "sha256_of", unreadable)
+    with pytest.raises(BuildDirError, match=r"model\.onnx(\.data)?: cannot read it \(Permission denied\)"):
+        Engine.load(build, verify=True)
+    assert main(["verify", str(build)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "cannot read it (Permission denied)" in err
+
+
 def test_verify_a_good_build(build, capsys):
     assert main(["verify", str(build)]) == 0
     assert "2 files" in capsys.readouterr().out
