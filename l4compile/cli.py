@@ -24,6 +24,14 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _path(text: str) -> str:
+    """A path given on the command line: an empty one (`-o ""`, an unset shell variable) is a usage error, not
+    the default."""
+    if not text:
+        raise argparse.ArgumentTypeError("expected a path, found ''")
+    return text
+
+
 def _positive_size(text: str) -> int:
     return options.size("value", parse_size(text))
 
@@ -245,7 +253,7 @@ def make_parser() -> argparse.ArgumentParser:
                    help="what to emit (default onnx; trt: TensorRT-ready ONNX, its compatibility report, and an "
                         "engine where TensorRT and a GPU are present; ort-genai: a directory onnxruntime-genai "
                         "loads, with genai_config.json)")
-    p.add_argument("-o", "--output", help="build directory (default build/<spec name>)")
+    p.add_argument("-o", "--output", type=_path, help="build directory (default build/<spec name>)")
     p.add_argument("--weights", help="'random' or a Hugging Face checkpoint directory")
     p.add_argument("--seed", type=cli_type(options.seed, int, "a non-negative integer"), default=0,
                    help="seed of --weights random (default 0)")

@@ -148,8 +148,11 @@ def test_a_lone_surrogate_in_a_spec_string_is_a_spec_error(field, tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["spec.yaml"]
 
 
-def test_default_output_is_under_build(tmp_path, monkeypatch):
+def test_default_output_is_under_build(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit:   # -o "$UNSET": not the default output
+        main(["build", TINY, "--weights", "random", "-o", ""])
+    assert exit.value.code == 2 and one_line(capsys.readouterr().err) and not list(tmp_path.iterdir())
     assert main(["build", TINY, "--weights", "random"]) == 0
     assert sorted(p.name for p in (tmp_path / "build").iterdir()) == ["tiny-scout"]
 
