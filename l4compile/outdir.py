@@ -27,7 +27,9 @@ from l4compile.errors import BuildError
 
 MANIFEST_FILE = "manifest.json"
 MAX_NAME_BYTES = 200   # a file name is at most 255 bytes; the temporary directory adds ~20
-_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<kind>tmp|old)-(?P<pid>\d+)-[^/]*$")
+# Exactly the names staging_dir (mkdtemp's 8-character suffix) and replace_dir give: a user's `.x.tmp-1-notes` is
+# not ours to remove.
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?:tmp-(?P<pid>\d+)-[a-z0-9_]{8}|old-(?P<old>\d+)-0)$")
 _RENAME_EXCHANGE = 2
 
 
@@ -214,10 +216,10 @@ def remove_stale(parent: Path) -> list[str]:
     removed = []
     for entry in list(parent.iterdir()):
         match = _TEMPORARY.match(entry.name)
-        if match is None or not entry.is_dir() or entry.is_symlink() or _alive(int(match["pid"])):
+        if match is None or not entry.is_dir() or entry.is_symlink() or _alive(int(match["pid"] or match["old"])):
             continue
         final = parent / match["name"]
-        if match["kind"] == "old" and not final.exists():
+        if match["old"] and not final.exists():
             os.replace(entry, final)
             continue
         shutil.rmtree(entry, ignore_errors=True)

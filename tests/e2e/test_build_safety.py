@@ -212,16 +212,18 @@ def test_import_hf_refuses_names_no_spec_can_hold(name, tmp_path, capsys):
 
 def test_stale_temporaries_of_dead_builds_are_removed(tmp_path):
     dead, live = dead_pid(), os.getpid()
-    stale = tmp_path / f".b.tmp-{dead}-abc"
+    stale = tmp_path / f".b.tmp-{dead}-abc_1234"
     stale.mkdir()
     (stale / "model.onnx.data").write_bytes(b"\0" * 1000)
-    mine = tmp_path / f".b.tmp-{live}-xyz"
+    mine = tmp_path / f".b.tmp-{live}-xyz_5678"   # a live build's
     mine.mkdir()
     other = tmp_path / ".notes.tmp-old"   # not ours: no pid in the name
     other.mkdir()
+    users = tmp_path / f".notes.tmp-{dead}-mine"   # not ours either: mkdtemp's suffixes have 8 characters
+    users.mkdir()
     build(load("tiny-scout"), tmp_path / "b", RandomWeights(0), BuildOptions(), log=lambda _: None)
     names = sorted(p.name for p in tmp_path.iterdir())
-    assert names == sorted(["b", mine.name, other.name])
+    assert names == sorted(["b", mine.name, other.name, users.name])
 
 
 def test_a_swap_interrupted_between_renames_is_undone(tmp_path):
