@@ -16,6 +16,10 @@ from l4compile.runtime.manifest import Manifest
 def cmd_verify(args: argparse.Namespace) -> int:
     directory = Path(args.build)
     manifest = Manifest.read(directory)
+    rank = (manifest.sharding or {}).get("rank")
+    if manifest.checksums is None and rank is not None:   # the top manifest records every rank's files
+        raise BuildDirError(f"{directory}: rank {rank} of a sharded build: its files are recorded in the build's "
+                            f"top manifest; run: l4compile verify {directory.parent}")
     if manifest.checksums is None:
         integrity.check(directory, None, manifest.files)
         raise BuildDirError(f"{directory}: the manifest records no checksums (built before l4compile recorded "

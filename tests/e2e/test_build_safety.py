@@ -325,6 +325,8 @@ def test_a_sharded_build_is_replaced_like_any_build(tmp_path, capsys):
     manifest = Manifest.read(out)
     assert "rank_0/model.onnx.data" in manifest.checksums and "rank_1/manifest.json" in manifest.checksums
     assert main(["verify", str(out)]) == 0
+    assert main(["verify", str(out / "rank_1")]) == 1   # its files are in the top manifest's records
+    assert f"run: l4compile verify {out}\n" in capsys.readouterr().err
     build_sharded(load("tiny-maverick"), out, RandomWeights(1), options, None, lambda _: None)
     assert f"replacing the older build at {out}" in capsys.readouterr().err
     (out / "rank_1" / "notes.txt").write_text("keep")
