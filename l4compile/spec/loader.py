@@ -18,6 +18,7 @@ from l4compile.spec.patterns import moe_layers_from_step, nope_layers_from_inter
 from l4compile.spec.yamlnode import (Section, compose_document, default_of, describe, is_null,
                                      scalar_value)
 
+MAX_SPEC_BYTES = 16 << 20
 TOP_FIELDS = ("name", "description", "estimate", "text", "tokens", "vision")
 TEXT_FIELDS = ("hidden_size", "num_layers", "vocab_size", "rms_norm_eps", "max_position_embeddings",
                "tie_word_embeddings", "dense_intermediate_size", "layers", "attention", "moe")
@@ -35,7 +36,12 @@ def load_spec(path: str | Path) -> ModelSpec:
     """Read and validate a spec file."""
     file = str(path)
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        with open(path, "rb") as f:   # bounded: /dev/zero, or a huge file given by mistake, must not fill memory
+            data = f.read(MAX_SPEC_BYTES + 1)
+        if len(data) > MAX_SPEC_BYTES:
+            raise SpecError(f"larger than {MAX_SPEC_BYTES >> 20} MiB: not a spec (the shipped ones are a few KB)",
+                            file=file)
+        text = data.decode("utf-8")
     except FileNotFoundError:
         raise SpecError("spec file not found", file=file) from None
     except IsADirectoryError:

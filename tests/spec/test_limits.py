@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 
 import pytest
@@ -89,3 +90,11 @@ def test_the_sparse_stand_in_names_what_it_could_not_make(tmp_path):
     from l4compile.errors import BuildError
     with pytest.raises(BuildError, match=r"cannot create the dry run's stand-in .*model\.onnx\.data: No such file"):
         sparse_stand_in(tmp_path / "absent" / "model.onnx.data", 1024)
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero"), reason="needs /dev/zero")
+def test_an_endless_spec_file_is_read_only_so_far(capsys):
+    """`inspect /dev/zero` (or a huge file given by mistake) stops at a bound instead of filling memory."""
+    assert main(["inspect", "/dev/zero"]) == 2
+    err = capsys.readouterr().err
+    assert err == "l4compile: error: /dev/zero: larger than 16 MiB: not a spec (the shipped ones are a few KB)\n"
