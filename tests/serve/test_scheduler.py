@@ -110,12 +110,15 @@ def test_a_sequence_major_build_serves_one_request_at_a_time(text_checkpoint, tm
 def test_a_long_prompt_is_prefilled_between_decode_steps(engine, scheduler):
     """While a long prompt is prefilled piece by piece (one chunk of 8 tokens per iteration), the running row
     keeps decoding: one step per piece, not one step for the whole prefill."""
-    running, running_sink = request(engine, "The capital of France is", 200)
+    # The running row asks for more tokens than it can make while the long prompt is prefilled, however fast
+    # the machine (200 were done before the prompt came on an idle one), and is cancelled at the end.
+    running, running_sink = request(engine, "The capital of France is", 3000)
     scheduler.submit(running)
-    for _ in range(600):   # bounded: until the running row has produced text
-        if running_sink.events:
+    for _ in range(WAIT * 200):   # bounded: until the running row is decoding (its text may be held back)
+        if scheduler.metrics.decode_steps or running_sink.done.is_set():
             break
-        running_sink.done.wait(0.1)
+        running_sink.done.wait(0.005)
+    assert not running_sink.done.is_set()
     long_prompt = "The capital of France is Paris. The capital of Japan is Tokyo. " * 3
     steps_at_first_token = []
     late, late_sink = request(engine, long_prompt, 4)
