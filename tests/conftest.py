@@ -3,12 +3,19 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+
+# Ctrl-C and SIGINT tests need the programs they start to take SIGINT as usual. A shell starts a background job
+# (`bash .ci/run &`) with SIGINT ignored, an ignored signal stays ignored across fork and exec, and Python then
+# leaves KeyboardInterrupt out: the tests' REPLs and builds would never see the Ctrl-C (a pty test waited
+# forever). A handled signal is reset to the default at exec, so handling it here gives every child the default.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 SPECS = ROOT / "specs"
 TINY_SPECS = ("tiny-scout", "tiny-maverick")
 # chunk_size is 8 and floor_scale 4 in both tiny specs: below, equal to and several times the chunk,

@@ -7,6 +7,8 @@ import argparse
 import io
 import os
 import re
+import select
+import signal
 import subprocess
 import sys
 import time
@@ -192,6 +194,8 @@ class Terminal:
         """Read until `text` has been shown `count` times (bounded: fails after `seconds`)."""
         deadline = time.time() + seconds
         while self.output.count(text) < count and time.time() < deadline:
+            if not select.select([self.fd], [], [], max(0.0, deadline - time.time()))[0]:
+                break   # nothing more within the time
             try:
                 self.output += os.read(self.fd, 4096)
             except OSError:
@@ -201,10 +205,19 @@ class Terminal:
     def send(self, data: bytes) -> None:
         os.write(self.fd, data)
 
-    def exit_status(self) -> int:
-        _, status = os.waitpid(self.pid, 0)
+    def exit_status(self, seconds: float = 120) -> int:
+        """The child's exit status (bounded: killed, and a failure, if it has not exited within `seconds`)."""
+        deadline = time.time() + seconds
+        while time.time() < deadline:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                os.close(self.fd)
+                return os.WEXITSTATUS(status)
+            time.sleep(0.05)
+        os.kill(self.pid, signal.SIGKILL)
+        os.waitpid(self.pid, 0)
         os.close(self.fd)
-        return os.WEXITSTATUS(status)
+        raise AssertionError(f"the program did not exit within {seconds} s: {self.output!r}")
 
 
 def test_ctrl_c_at_the_prompt_of_a_real_terminal(text_build):
