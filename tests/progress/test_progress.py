@@ -115,15 +115,20 @@ def test_library_use_is_silent_and_a_phase_without_a_reporter_is_harmless():
         task.advance(1, 10)
 
 
+def generate(progress: Progress, tokens: int) -> float:
+    """A 'generate' phase advanced one token at a time under `progress`; the seconds it took."""
+    start = time.monotonic()
+    with progress.activate():
+        with current().phase("generate", total=tokens, unit="token") as task:
+            for _ in range(tokens):
+                task.advance(1)
+    return time.monotonic() - start
+
+
 def test_updates_are_cheap_lines_at_most_once_per_interval():
     progress, stream = plain(interval=1.0)
     progress._held = None                          # print at once (no held lines), to count them
-    start = time.monotonic()
-    with progress.activate():
-        with current().phase("generate", total=200_000, unit="token") as task:
-            for _ in range(200_000):
-                task.advance(1)
-    elapsed = time.monotonic() - start
+    elapsed = generate(progress, 200_000)
     lines = stream.getvalue().splitlines()
     assert len(lines) <= 2 + elapsed / 1.0 + 1     # start, end, and one status line per interval at most
 
@@ -204,12 +209,7 @@ def test_a_bar_only_the_ticker_drew_is_cleared_before_its_end_line(terminal):
 def test_a_terminal_bar_is_drawn_at_most_once_per_interval(terminal):
     terminal = terminal()
     progress = Progress(terminal.stream, interval=0.5)
-    start = time.monotonic()
-    with progress.activate():
-        with current().phase("generate", total=50_000, unit="token") as task:
-            for _ in range(50_000):
-                task.advance(1)
-    elapsed = time.monotonic() - start
+    elapsed = generate(progress, 50_000)
     draws = [part for part in re.split(r"[\r\n]", terminal.close()) if part.startswith("generate:")]
     assert len(draws) <= 2 + 2 * elapsed / 0.5 + 1   # tqdm's and the ticker's redraws, each once per interval
 
