@@ -161,6 +161,24 @@ class ChatSession:
         return "".join(said)
 
 
+def _read_line(stdin: TextIO) -> str:
+    """stdin.readline(), which a Ctrl-C interrupts even when the kernel hands the SIGINT to another thread.
+
+    A signal interrupts a blocking read only in the thread it is delivered to; with onnxruntime's or the progress
+    ticker's threads running, that is often not the main thread, and Python's handler (which runs in the main
+    thread, between bytecodes) would wait for the next line. On a terminal, wait in short selects instead: the
+    handler runs after each, and a terminal in canonical mode hands over whole lines, so nothing waits in a buffer.
+    """
+    import select
+    try:
+        fd = stdin.fileno() if stdin.isatty() else None
+    except (AttributeError, OSError, ValueError):   # not a real file (a test's StringIO) or closed
+        fd = None
+    while fd is not None and not select.select([fd], [], [], 0.1)[0]:
+        pass
+    return stdin.readline()
+
+
 def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:
     """Read a line, stream the answer; /reset, /exit, EOF. Errors of one turn are one line; the session goes on."""
     from l4compile.errors import L4Error
@@ -178,7 +196,7 @@ def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr
         try:                        # the prompt too: a Ctrl-C right after it is shown lands here
             stderr.write("> ")
             stderr.flush()
-            line = stdin.readline()
+            line = _read_line(stdin)
         except KeyboardInterrupt:   # Ctrl-C at the prompt: a fresh line, like Python's REPL
             notice("")
             continue

@@ -225,10 +225,41 @@ def test_ctrl_c_at_the_prompt_of_a_real_terminal(text_build):
     term = Terminal(["-m", "l4compile.cli", "chat", str(text_build), "--max-new-tokens", "8", "--temperature", "0"])
     term.read_until(b"> ")
     term.send(b"\x03")            # Ctrl-C: SIGINT to the foreground process
-    term.read_until(b"> ", 2)      # a fresh prompt, the program still running
+    term.read_until(b"> ", 2, 60)  # a fresh prompt, the program still running
     term.send(b"Hello\n")
     term.read_until(b"> ", 3)      # the answer, then the next prompt
     term.send(b"\x04")            # Ctrl-D: end of input
+    assert term.exit_status() == 0, term.output
+    assert b"Hello" in term.output and b"Traceback" not in term.output
+
+
+# The REPL, with a thread that sends itself a SIGINT on each SIGUSR1: as the kernel may do with a terminal's Ctrl-C
+# when onnxruntime's threads run, the signal reaches a thread other than the main one (which sits reading stdin).
+SIGINT_IN_ANOTHER_THREAD = """
+import signal, sys, threading
+signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGUSR1})   # every thread started from here on blocks it too
+def relay():
+    while True:
+        signal.sigwait({signal.SIGUSR1})
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+threading.Thread(target=relay, daemon=True).start()
+from l4compile.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def test_ctrl_c_at_the_prompt_reaches_the_repl_from_any_thread(text_build):
+    """A SIGINT delivered to another thread while the main one waits for a line still gives a fresh prompt (a
+    blocking read in the main thread would wait for the next line: CI saw this one time in several)."""
+    term = Terminal(["-c", SIGINT_IN_ANOTHER_THREAD, "chat", str(text_build), "--max-new-tokens", "8",
+                     "--temperature", "0"])
+    term.read_until(b"> ")
+    time.sleep(0.3)   # the main thread is waiting for the line (were it not, the test would pass without the fix)
+    os.kill(term.pid, signal.SIGUSR1)
+    term.read_until(b"> ", 2, 60)
+    term.send(b"Hello\n")
+    term.read_until(b"> ", 3)
+    term.send(b"\x04")
     assert term.exit_status() == 0, term.output
     assert b"Hello" in term.output and b"Traceback" not in term.output
 
