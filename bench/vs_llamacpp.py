@@ -11,8 +11,9 @@ F32, then `llama-quantize`d to Q8_0 and Q4_0 (bench/llamacpp.py).
 2. Accuracy: logits of every position of a prompt, each tier against our fp32 (cosine, top-1 agreement).
 3. Speed, in alternating rounds (ours first in even rounds, llama.cpp first in odd ones), each
    measurement in its own process so that only one model is in memory: prefill of --prompt tokens,
-   decode of --new tokens from an empty cache and after the prompt. llama.cpp: `llama-bench -p P -n N`
-   and `-n N -d P`. Ours: Engine steps (a warm-up step first, as llama-bench does).
+   decode of --new tokens from an empty cache and after the prompt. llama.cpp: `llama-bench -p P -n N -r R`
+   and `-n N -d P -r R`. Ours: Engine steps, warmed up as llama-bench warms up (a prompt run and a one-token
+   generation), each figure the mean of --repetitions (R) runs' tok/s as llama-bench's.
    Reported: medians over rounds, and medians of the per-round ratios ours / llama.cpp.
 4. Bandwidth bound: bytes a decode step must read (the file's bytes times active matmul parameters /
    all parameters: the embedding table is read one row a token, the unchosen experts not at all)
@@ -22,7 +23,7 @@ F32, then `llama-quantize`d to Q8_0 and Q4_0 (bench/llamacpp.py).
 Last line: `decode ours/llama.cpp: fp32 R1 int8 R2 int4 R3` (decode from an empty cache, the last spec's).
 
     python bench/vs_llamacpp.py [--specs specs/bench-16e-8k.yaml specs/bench-1b5.yaml] [--rounds 3]
-        [--threads 2] [--prompt 512] [--new 128] [--work DIR] [--tiers fp32 int8 int4]
+        [--repetitions 3] [--threads 2] [--prompt 512] [--new 128] [--work DIR] [--tiers fp32 int8 int4]
 
 Checkpoints, builds and GGUF files are kept under --work (default ~/.cache/l4compile-bench/vs) and
 reused by later runs of the same spec; `--rebuild` makes our builds again (after a compiler change).
@@ -91,8 +92,10 @@ def worker(job: dict) -> dict:
         return ours_job(Engine.load(Path(job["path"]), threads=job["threads"]), job)
     peer = LlamaCpp.ensure()
     if job["task"] == "speed":
-        pre = peer.bench(Path(job["path"]), job["threads"], prompt=job["prompt"], generate=job["new"])
-        after = peer.bench(Path(job["path"]), job["threads"], generate=job["new"], depth=job["prompt"])
+        reps = job["repetitions"]
+        pre = peer.bench(Path(job["path"]), job["threads"], prompt=job["prompt"], generate=job["new"], repetitions=reps)
+        after = peer.bench(Path(job["path"]), job["threads"], generate=job["new"], depth=job["prompt"],
+                           repetitions=reps)
         return {"prefill": pre["prefill"], "decode": pre["decode"], "decode_after": after["decode"]}
     model = Model(peer, Path(job["path"]), job["threads"], context=max(job["prompt"], ACCURACY_TOKENS) + 64)
     ids = np.asarray(job["ids"], dtype=np.int64)
@@ -110,7 +113,7 @@ def ours_job(engine, job: dict) -> dict:
     if job["task"] == "logits":
         np.save(job["out"], engine.logits(ids)[0])
         return {}
-    prompt, new = job["prompt"], job["new"]
+    prompt, new, reps = job["prompt"], job["new"], job["repetitions"]
 
     def decode(cache, token: int) -> float:
         start = time.perf_counter()
@@ -118,14 +121,23 @@ def ours_job(engine, job: dict) -> dict:
             token = int(engine.step(np.array([[token]]), cache, logits_start=0)[0, -1].argmax())
         return new / (time.perf_counter() - start)
 
-    engine.step(ids[:, :16], engine.new_cache(1, 32), logits_start=15)      # warm-up
-    rate = decode(engine.new_cache(1, new + 2), 5)
-    cache = engine.new_cache(1, prompt + new + 2)
-    start = time.perf_counter()
-    logits = engine.step(ids[:, :prompt], cache, logits_start=prompt - 1)
-    prefill = prompt / (time.perf_counter() - start)
-    after = decode(cache, int(logits[0, -1].argmax()))
-    return {"prefill": prefill, "decode": rate, "decode_after": after}
+    def prefilled():   # a cache holding the prompt, and the rate at which it was filled
+        cache = engine.new_cache(1, prompt + new + 2)
+        start = time.perf_counter()
+        logits = engine.step(ids[:, :prompt], cache, logits_start=prompt - 1)
+        return cache, int(logits[0, -1].argmax()), prompt / (time.perf_counter() - start)
+
+    # Warm-up, as llama-bench's: a prompt run and a one-token generation before anything is timed. Then, as
+    # llama-bench -r: each figure is the mean of `reps` runs' tok/s, each run from a fresh (or refilled) cache.
+    engine.step(ids[:, :16], engine.new_cache(1, 32), logits_start=15)
+    engine.step(ids[:, :1], engine.new_cache(1, 4), logits_start=0)
+    rate = statistics.mean(decode(engine.new_cache(1, new + 2), 5) for _ in range(reps))
+    prefill, after = [], []
+    for _ in range(reps):
+        cache, token, filled = prefilled()
+        prefill.append(filled)
+        after.append(decode(cache, token))
+    return {"prefill": statistics.mean(prefill), "decode": rate, "decode_after": statistics.mean(after)}
 
 
 def run_job(job: dict) -> dict:
@@ -165,21 +177,26 @@ def accuracy(files: dict, args, ids: np.ndarray, tmp: Path) -> dict:
     return {label: logits_agreement(value[None], reference[None]) for label, value in logits.items()}
 
 
-def speed(files: dict, args) -> dict:
+def speed(files: dict, args) -> tuple[dict, list[float]]:
+    """Per (engine, tier): each round's figures; and the read bandwidth probed at the start of each round (this
+    host's bandwidth drifts, by 1.5x within minutes)."""
     runs: dict[tuple[str, str], list[dict]] = {}
+    probes = []
     ids = prompt_ids(args.vocab, args.prompt, 1).tolist()
     for r in range(args.rounds):
+        probes.append(bandwidth(args.threads))
         for tier, peer_tier in TIERS.items():
             if tier not in args.tiers:
                 continue
             order = [("ours", files["ours"][tier], tier), ("llamacpp", files["gguf"][peer_tier], peer_tier)]
             for engine, path, label in (order if r % 2 == 0 else order[::-1]):
                 result = run_job({"engine": engine, "task": "speed", "path": str(path), "threads": args.threads,
-                                  "ids": ids, "prompt": args.prompt, "new": args.new})
+                                  "ids": ids, "prompt": args.prompt, "new": args.new,
+                                  "repetitions": args.repetitions})
                 runs.setdefault((engine, tier), []).append(result)
                 print(f"  round {r} {label:<5} ({engine}): prefill {result['prefill']:.1f} tok/s, decode "
                       f"{result['decode']:.1f}, after {args.prompt}: {result['decode_after']:.1f}", flush=True)
-    return runs
+    return runs, probes
 
 
 def bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
@@ -198,14 +215,16 @@ def bandwidth(threads: int, gib: float = 1.0, repeats: int = 5) -> float:
 
 # ---- report --------------------------------------------------------------------------------
 
-def report(spec, files: dict, acc: dict, runs: dict, bw: float, args) -> dict[str, float]:
+def report(spec, files: dict, acc: dict, runs: dict, probes: list[float], args) -> dict[str, float]:
     from l4compile.spec.params import active_matmul_params, params_breakdown
     med = statistics.median
     total = sum(params_breakdown(spec).values())
     active = active_matmul_params(spec)
+    bw = med(probes)
     print(f"\n{spec.name}: {total / 1e9:.2f}B parameters, {active / 1e6:.0f}M active matmul parameters per token; "
           f"{args.threads} threads, prompt {args.prompt}, {args.new} new tokens, {args.rounds} rounds (medians); "
-          f"read bandwidth {bw / 1e9:.1f} GB/s")
+          f"read bandwidth {bw / 1e9:.1f} GB/s (median of the rounds' probes, {min(probes) / 1e9:.1f}-"
+          f"{max(probes) / 1e9:.1f})")
     print(f"{'tier':<6}{'engine':<11}{'file MB':>9}{'prefill tok/s':>15}{'decode tok/s':>14}{'after prompt':>14}"
           f"{'of bound':>10}{'cosine':>9}{'top-1':>7}")
     ratios = {}
@@ -236,6 +255,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--prompt", type=int, default=512)
     parser.add_argument("--new", type=int, default=128)
+    parser.add_argument("--repetitions", type=int, default=3,
+                        help="runs per measurement within a round, averaged (llama-bench -r; the same for ours)")
     parser.add_argument("--int4-method", choices=["rtn", "gptq", "auto"], default="rtn",
                         help="our int4 codes (default rtn: the same rounding as Q4_0's)")
     parser.add_argument("--work", type=Path, default=cache_dir() / "vs")
@@ -252,7 +273,6 @@ def main() -> None:
     from l4compile.spec import load_spec
     peer = LlamaCpp.ensure()
     print(f"llama.cpp {LLAMA_CPP_COMMIT} (vendored in llama-cpp-python {VERSION}), {peer.bin}")
-    bw = bandwidth(args.threads)
     ratios = {}
     for spec_path in args.specs:
         spec = load_spec(spec_path)
@@ -263,8 +283,8 @@ def main() -> None:
               f"{len(tokens)} greedy tokens", flush=True)
         with tempfile.TemporaryDirectory(prefix="l4vs-") as tmp:
             acc = accuracy(files, args, prompt_ids(spec.vocab_size, ACCURACY_TOKENS, 2), Path(tmp))
-        runs = speed(files, args)
-        ratios = report(spec, files, acc, runs, bw, args)
+        runs, probes = speed(files, args)
+        ratios = report(spec, files, acc, runs, probes, args)
     print("decode ours/llama.cpp: " + " ".join(f"{tier} {ratios[tier]:.2f}" for tier in TIERS if tier in ratios))
 
 
