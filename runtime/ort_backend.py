@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ import numpy as np
 from l4compile.runtime.errors import BuildDirError
 from l4compile.runtime.kv_cache import KVCache
 from l4compile.runtime.manifest import Manifest
+
+
+_NUMPY_TYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
 
 class OnnxRuntimeBackend:
@@ -24,6 +28,13 @@ class OnnxRuntimeBackend:
                       for layer in manifest.layers} if kv else {}
         self._new = {layer.index: (kv["new_key"].format(i=layer.index), kv["new_value"].format(i=layer.index))
                      for layer in manifest.layers} if kv else {}
+        # Logits are written into an array of ours when their last axis is known (no ORT-allocated output to
+        # wrap and fetch with every layer's outputs); an in-place cache's buffers are bound once per cache.
+        logits = next((o for o in session.get_outputs() if o.name == "logits"), None)
+        vocab = logits.shape[-1] if logits is not None and logits.shape else None
+        self._logits = (vocab, _NUMPY_TYPES[logits.type]) if isinstance(vocab, int) and logits.type in _NUMPY_TYPES \
+            else None
+        self._bindings: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     @classmethod
     def load(cls, directory: Path, manifest: Manifest, providers: list[str] | None = None,
@@ -78,24 +89,41 @@ class OnnxRuntimeBackend:
         sizes = cache.pieces(ids.shape[1])
         pieces = np.split(ids, np.cumsum(sizes)[:-1], axis=1)
         features = split_features(image_features, pieces, self._image_token)
+        io = self._cache_binding(cache)
         for size, piece, piece_features in zip(sizes, pieces, features):
-            io = self._session.io_binding()
             io.bind_cpu_input("input_ids", np.ascontiguousarray(piece))
             if piece_features is not None:
                 io.bind_cpu_input(self._features, piece_features)
             io.bind_cpu_input(kv["past_length"], np.ascontiguousarray(cache.lengths))
-            io.bind_cpu_input(kv["logits_start"], np.array(min(max(logits_start - start, 0), size), dtype=np.int64))
-            io.bind_output("logits", "cpu")   # first: outputs come back in binding order
+            first = min(max(logits_start - start, 0), size)
+            io.bind_cpu_input(kv["logits_start"], np.array(first, dtype=np.int64))
+            if self._logits:
+                out = np.empty((cache.batch, size - first, self._logits[0]), self._logits[1])
+                io.bind_output("logits", "cpu", 0, out.dtype, list(out.shape), out.ctypes.data)
+                self._session.run_with_iobinding(io)
+            else:
+                io.bind_output("logits", "cpu")
+                self._session.run_with_iobinding(io)
+                out = io.get_outputs()[0].numpy()
+            logits.append(out)
+            cache.lengths += size
+            start += size
+        return logits[0] if len(logits) == 1 else np.concatenate(logits, axis=1)
+
+    def _cache_binding(self, cache: KVCache):
+        """An IO binding with `cache`'s buffers bound as every layer's past and present keys and values (written
+        in place), made once per cache: a step binds only its ids, lengths and logits."""
+        io = self._bindings.get(cache)
+        if io is None:
+            io = self._session.io_binding()
+            io.bind_output("logits", "cpu")   # first: outputs come back in binding order (rebinding keeps it first)
             for layer in cache.layers:
                 for past, new, buffer in zip(self._past[layer.index], self._new[layer.index],
                                              (layer.keys, layer.values)):
                     io.bind_cpu_input(past, buffer)
                     io.bind_output(new, "cpu", 0, buffer.dtype, list(buffer.shape), buffer.ctypes.data)
-            self._session.run_with_iobinding(io)
-            logits.append(io.get_outputs()[0].numpy())
-            cache.lengths += size
-            start += size
-        return logits[0] if len(logits) == 1 else np.concatenate(logits, axis=1)
+            self._bindings[cache] = io
+        return io
 
     def _step_sequence_major(self, ids: np.ndarray, cache: KVCache, logits_start: int,
                              image_features: np.ndarray | None = None) -> np.ndarray:

@@ -51,6 +51,30 @@ def test_prefill_and_32_decode_steps_cross_many_chunks(name, engines, reference)
     assert cache.length == 77
 
 
+def test_caches_stepped_in_turn_each_equal_the_reference_and_logits_stay_as_returned(engines, reference):
+    """The backend binds a cache's buffers once (per cache): two caches of different sizes stepped in turn on one
+    engine, and a row view of a third, each get their own sequence's logits; a returned logits array is never
+    written by a later step."""
+    engine = engines["tiny-scout"]
+    a, b = token_ids(1, 30, seed=3), token_ids(2, 20, seed=4)
+    cache_a, cache_b = engine.new_cache(1, 30), engine.new_cache(2, 20)
+    third = engine.new_cache(2, 30)
+    got_a = [engine.step(a[:, :10], cache_a)]
+    got_b = [engine.step(b[:, :1], cache_b)]
+    got_third = [engine.step(a[:, :10], third.row(1))]
+    kept = [got_a[0].copy(), got_b[0].copy()]
+    for p in range(10, 20):
+        got_a.append(engine.step(a[:, p:p + 1], cache_a))
+        got_b.append(engine.step(b[:, p - 9:p - 8], cache_b))
+        got_third.append(engine.step(a[:, p:p + 1], third.row(1)))
+    np.testing.assert_array_equal(got_a[0], kept[0])
+    np.testing.assert_array_equal(got_b[0], kept[1])
+    np.testing.assert_allclose(np.concatenate(got_a, axis=1), reference("tiny-scout", a[:, :20]), atol=1e-4, rtol=0)
+    np.testing.assert_allclose(np.concatenate(got_b, axis=1), reference("tiny-scout", b[:, :11]), atol=1e-4, rtol=0)
+    np.testing.assert_array_equal(np.concatenate(got_third, axis=1), np.concatenate(got_a, axis=1))
+    assert third.lengths.tolist() == [0, 20]
+
+
 @pytest.mark.parametrize("name", TINY_SPECS)
 def test_rows_at_different_positions_decode_together(name, engines, reference):
     """Rows of 5, 13 and 22 prompt tokens, each prefilled alone into its row, then 12 steps of all
