@@ -129,3 +129,48 @@ def test_bad_generation_arguments(kwargs, message, engines):
 def test_stream_wants_one_prompt(engines):
     with pytest.raises(RuntimeInputError, match="one prompt"):
         next(engines["tiny-scout"].stream(np.array([[1, 2]]), 3))
+
+
+def test_the_nucleus_equals_the_full_sort_s_with_ties_and_wide_nuclei():
+    """top-p keeps, in a stable sort by descending probability, every token whose predecessors sum to less than
+    top_p. The sampler sorts only the most probable tokens when the nucleus ends among them: the kept tokens must
+    be exactly the full sort's (ties at the candidates' edge, nuclei wider than the candidates, Llama 4's vocabulary),
+    and so must the tokens drawn with one seed."""
+    from l4compile.runtime import sampling
+
+    def by_full_sort(probs: np.ndarray, top_p: float) -> np.ndarray:
+        order = np.argsort(-probs, kind="stable")
+        return np.sort(order[np.cumsum(probs[order]) - probs[order] < top_p])
+
+    rng = np.random.default_rng(0)
+    vocab = 202_048
+    cases = []
+    for spread in (0.5, 2.0, 8.0, 30.0):   # flat (nucleus of tens of thousands) to peaked (a handful)
+        logits = rng.standard_normal(vocab) * spread
+        logits[rng.integers(0, vocab, 3000)] = np.round(logits.max() - 3)   # ties around the candidates' edge
+        cases.append(logits)
+    tied = np.zeros(vocab)
+    tied[:5000] = 4.0   # 5000 tokens of one probability, more than the candidates
+    cases.append(tied)
+    widths = set()
+    for logits in cases:
+        probs = np.exp(logits - logits.max())
+        probs /= probs.sum()
+        for top_p in (0.05, 0.5, 0.9, 0.999):
+            got = np.sort(sampling._nucleus(probs, top_p))
+            np.testing.assert_array_equal(got, by_full_sort(probs, top_p))
+            widths.add(len(got) > sampling.NUCLEUS_CANDIDATES)
+    assert widths == {True, False}   # both ways were taken
+    logits = np.stack(cases[:3]).astype(np.float32)
+    for seed in range(5):
+        got = Sampling(temperature=0.6, top_p=0.9).choose(logits, np.random.default_rng(seed))
+        scaled = logits.astype(np.float64) / 0.6
+        probs = np.exp(scaled - scaled.max(axis=-1, keepdims=True))
+        probs /= probs.sum(axis=-1, keepdims=True)
+        kept = np.zeros_like(probs)
+        for row, out in zip(probs, kept):
+            nucleus = by_full_sort(row, 0.9)
+            out[nucleus] = row[nucleus]
+        kept /= kept.sum(axis=-1, keepdims=True)
+        draws = np.random.default_rng(seed).random((3, 1))
+        assert got.tolist() == (np.cumsum(kept, axis=-1) < draws).sum(axis=-1).tolist()
