@@ -27,7 +27,7 @@ from l4compile.lower_vision import FEATURES, PIXELS, has_image_input, lower_visi
 from l4compile.outdir import check_replaceable, require_space, staged
 from l4compile.passes.pipelines import DEFAULT_PIPELINE, load_pipeline, run_pipeline
 from l4compile.progress import current
-from l4compile.quant import TABLE_BITS, TABLE_BLOCK_SIZE
+from l4compile.quant import TABLE_BITS, TABLE_BLOCK_SIZE, WEIGHT_BLOCK_SIZE
 from l4compile.runtime import integrity
 from l4compile.runtime.manifest import MANIFEST_FILE, LayerInfo, Manifest, TensorInfo
 from l4compile.runtime.preprocess import LLAMA4_IMAGE_TOKENS
@@ -70,6 +70,7 @@ class BuildOptions:
     quantize_lm_head: bool = True        # int8 / int4: the lm_head too (fp8 always quantizes it)
     lm_head_bits: int | None = None      # int4: the quantized lm_head's bits, 4 or 8; None: TABLE_BITS'
     embedding_bits: int | None = None    # int4: the quantized embedding table's bits, 4 or 8; None: TABLE_BITS'
+    block_size: int | None = None        # int8 / int4: weights per scale in the layers; None: WEIGHT_BLOCK_SIZE
     int4_method: str = "auto"            # int4: "gptq" (calibrated error compensation), "rtn" (round to
                                          # nearest), "auto": gptq where calibration fits in memory
     engine: Any = None                   # target trt: l4compile.trt.profiles.EngineOptions (None: defaults)
@@ -79,6 +80,10 @@ class BuildOptions:
 
     def quantization(self) -> dict | None:
         """What --quantize did, for the manifest and the model's metadata."""
+        if self.block_size is not None and self.quantize not in ("int8", "int4"):
+            raise BuildError(f"--block-size {self.block_size} needs --quantize int8 or int4 (fp8 scales each output "
+                             "channel)" if self.quantize else f"--block-size {self.block_size} needs --quantize int8 "
+                             "or int4")
         if self.quantize is None:
             return None
         activations = self.quantize_activations
@@ -90,6 +95,7 @@ class BuildOptions:
         return {"weights": self.quantize, "activations": "fp8" if activations else None,
                 "embeddings": (self.quantize if self.quantize in ("int8", "int4") else "int8") if embeddings else None,
                 **({"method": self.int4_method} if self.quantize == "int4" else {}),
+                **({"block_size": self.block_size or WEIGHT_BLOCK_SIZE} if self.quantize in ("int8", "int4") else {}),
                 **({"lm_head": "kept"} if not self.quantize_lm_head and self.quantize != "fp8" else {}),
                 **(self._table_precision("lm_head") if self.quantize_lm_head else {}),
                 **(self._table_precision("embedding") if embeddings else {})}

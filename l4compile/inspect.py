@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import re
 
+from l4compile.quant import WEIGHT_BLOCK_SIZE
 from l4compile.lower_vision import has_image_input
 from l4compile.spec.model import ModelSpec
 from l4compile.spec.params import (active_matmul_params, active_params, layer_params, vision_params,
@@ -17,7 +18,7 @@ from l4compile.spec.params import (active_matmul_params, active_params, layer_pa
 
 DTYPES = ("float32", "bfloat16", "float16", "fp8", "int4")
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "float8": "fp8"}
-INT4_BLOCK = 32  # int4 weights carry one float16 scale per block of 32 values
+INT4_BLOCK = WEIGHT_BLOCK_SIZE  # int4 weights carry one float16 scale per block (of 64: `build --block-size`)
 _BYTES_PER_ELEMENT = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1}
 _SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
                "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
@@ -63,7 +64,7 @@ def build_report(spec: ModelSpec, context: int | None = None, dtype: str = "bflo
       one token over its cached keys: 4 * num_heads * head_dim per key and layer, where a
       global layer sees `context` keys and a chunked layer min(context, chunk_size).
     - `weight_bytes`: all parameters (vision included) per dtype; int4 adds one float16
-      scale per block of 32 values.
+      scale per block of WEIGHT_BLOCK_SIZE (64) values.
     - `kv_cache` (in `dtype`): per token when every layer keeps every position, and with
       `context` the naive size against the chunked one (chunked layers keep
       min(context, chunk_size) positions, global layers `context`).
@@ -122,14 +123,14 @@ def _quantized_build_bytes(breakdown: dict[str, int], dtype: str, vision: bool, 
     """int8 and int4 builds quantize the embedding table and lm_head too by default, each at its default bits
     and block (`l4compile.quant.TABLE_BITS`: int4 holds the table in 8-bit blocks; a tied table, the lm_head's),
     as llama.cpp's files do; fp8 builds keep the table in bfloat16."""
-    from l4compile.quant import TABLE_BITS, TABLE_BLOCK_SIZE
+    from l4compile.quant import TABLE_BITS, TABLE_BLOCK_SIZE, WEIGHT_BLOCK_SIZE
     extra = breakdown["vision"] if vision else 0
     if dtype == "fp8":
         quantized = sum(breakdown[part] for part in QUANTIZED_PARTS)
         return storage_bytes(quantized, dtype) + storage_bytes(sum(breakdown[p] for p in HIGH_PRECISION_PARTS) + extra,
                                "bfloat16")
     matmuls = sum(breakdown[part] for part in QUANTIZED_PARTS if part != "lm_head")
-    total = storage_bytes(matmuls, dtype)
+    total = storage_bytes(matmuls, dtype, WEIGHT_BLOCK_SIZE)
     for part in ("embedding", "lm_head"):
         bits = TABLE_BITS[dtype]["lm_head" if tied else part]
         total += storage_bytes(breakdown[part], f"int{bits}", TABLE_BLOCK_SIZE[dtype][bits])

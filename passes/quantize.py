@@ -11,7 +11,7 @@
                      method "rtn" rounds each weight to nearest; "gptq" chooses the codes with GPTQ
                      (`l4compile.quant.gptq`) from Hessians of calibration inputs, same layout.
   quantize-int8      the same rewrites with 8-bit codes (MatMulNBits bits=8, QMoE expert_weight_bits=8),
-                     blocks of 32 with one scale each, symmetric (absmax / 127, as llama.cpp's Q8_0);
+                     blocks of `block_size` (`build`'s default 64) with one scale each, symmetric (absmax / 127);
                      round to nearest. The CPU peer of Q8_0; onnxruntime ORT-target only, like int4.
   quantize-fp8-activations (passes/quantize_activations.py)
                      after quantize-fp8: calibrated per-tensor Q/DQ on the inputs of ops with fp8
@@ -207,7 +207,7 @@ class QuantizeINT4(Pass):
     each weight's input Hessian; a weight it gives none for (none at all: a dry run) is rounded to nearest.
     """
 
-    block_size: int = 32
+    block_size: int = 32                      # `build` sets WEIGHT_BLOCK_SIZE (--block-size)
     accuracy_level: int = 4
     embeddings: bool = False
     method: str = "rtn"
@@ -260,10 +260,16 @@ class QuantizeINT4(Pass):
             return get_op(op).weight_inputs(m.root.attrs)
 
         def replace(g: Graph, m: Match) -> list[str]:
+            bits, block = self._precision(m.root.inputs[min(weights(m))])
+            # One block size for the op's weights (QMoE's fc1 and fc2 too): halved, down to 16, until it divides
+            # every weight's input features, so that no block is padding (a toy model's 32 features in blocks of
+            # 64 would be stored twice over).
+            features = [g.type_of(m.root.inputs[i]).shape[axis] for i, axis in weights(m).items()]
+            while block > 16 and any(k % block for k in features):
+                block //= 2
             inputs: list[str] = []
             for i, value in enumerate(m.root.inputs):
-                inputs += self._codes(g, value, weights(m)[i]) if i in weights(m) else [value]
-            bits, block = self._precision(m.root.inputs[min(weights(m))])
+                inputs += self._codes(g, value, weights(m)[i], precision=(bits, block)) if i in weights(m) else [value]
             attrs = {k: m.root.attrs[k] for k in keep} | ({"bits": bits} if bits != 4 else {})
             return [g.op(quantized_op, inputs, name=m.root.name, block_size=block,
                          accuracy_level=self.accuracy_level, **attrs)]
@@ -376,7 +382,7 @@ def quantization_passes(quantization: dict | None, target: str = "onnx",
         if target == "trt":
             raise PassError(f"--quantize {scheme} emits onnxruntime's MatMulNBits, which TensorRT does not parse; "
                             "use --quantize fp8 for --target trt")
-        lm_head = {"lm_head": quantization.get("lm_head") != "kept",
+        lm_head = {"lm_head": quantization.get("lm_head") != "kept", "block_size": quantization.get("block_size", 32),
                    **{key: quantization.get(key) for key in ("lm_head_bits", "lm_head_block_size", "embedding_bits",
                                                              "embedding_block_size")}}
         if scheme == "int8":

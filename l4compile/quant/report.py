@@ -76,7 +76,8 @@ def format_comparison(report: dict) -> str:
         if not quantization:
             return "not quantized"
         method = f" by {quantization['method']}" if quantization.get("method") else ""
-        parts = [f"{quantization['weights']} weights{method}"]
+        blocks = f" in blocks of {quantization['block_size']}" if quantization.get("block_size") else ""
+        parts = [f"{quantization['weights']} weights{method}{blocks}"]
         parts += [f"{quantization['activations']} activations"] if quantization.get("activations") else []
         for table, key in (("embeddings", "embedding"), ("lm_head", "lm_head")):
             if f"{key}_bits" in quantization:

@@ -174,10 +174,13 @@ def test_genai_int4_build_equals_runtime_int4_build(tmp_path, tiny_genai):
     assert any(n.op_type == "MatMulNBits" for n in onnx.load(str(model), load_external_data=False).graph.node)
     assert json.loads((genai_dir / "manifest.json").read_text())["quantization"]["weights"] == "int4"
     rows = prompts(engine.manifest.vocab_size)
-    ours = engine_greedy(engine, rows, genai.eos)
+    # The same batches on both sides: with int8 activations (accuracy_level 4) onnxruntime's MatMulNBits kernels
+    # for one row and for several round differently, so on this chaotic random model a row's greedy tokens may
+    # part (both engines alike) where two logits are within ~0.01, depending on the rows decoded beside it.
     for batch in ([0], [0, 1]):
-        for i, got in zip(batch, genai.greedy([rows[i] for i in batch], NEW_TOKENS)):
-            np.testing.assert_array_equal(got, ours[i])
+        ours = engine_greedy(engine, [rows[i] for i in batch], genai.eos)
+        for got, want in zip(genai.greedy([rows[i] for i in batch], NEW_TOKENS), ours):
+            np.testing.assert_array_equal(got, want)
 
 
 def test_float16_build_equals_runtime_float16_build(tmp_path, tiny_genai):

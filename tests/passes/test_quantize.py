@@ -345,7 +345,7 @@ def test_cli_build_quantized_then_quant_report(tmp_path):
     assert "quantize-int4" in r.stderr and "linear->matmul_nbits=" in r.stderr
     r = cli("quant-report", tmp_path / "int4", "--reference", tmp_path / "fp32", "--batches", "1")
     assert r.returncode == 0, r.stderr
-    assert "top-1 agreement" in r.stdout and "(int4 weights by gptq, " in r.stdout and "x)" in r.stdout
+    assert "top-1 agreement" in r.stdout and "(int4 weights by gptq in blocks of 64, " in r.stdout and "x)" in r.stdout
 
 
 def test_cli_refuses_int4_activations_in_one_line(tmp_path):
