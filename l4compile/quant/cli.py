@@ -35,8 +35,9 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
                    help=f"int8 / int4: weights per scale in the layers' matmuls and experts (default "
                         f"{WEIGHT_BLOCK_SIZE}: 4.5 and 8.5 bits a weight, the densities of llama.cpp's Q4_0 and Q8_0; "
-                        "32: a little closer to float, files 5-9%% larger, decode slower); the embedding table and "
-                        "lm_head keep their own blocks (--embedding-bits, --lm-head-bits)")
+                        "32: a little closer to float, files 5-9%% larger, decode slower; a weight whose input features "
+                        "it does not divide takes the largest power of two down to 16 that does); the embedding table "
+                        "and lm_head keep their own blocks (--embedding-bits, --lm-head-bits)")
     p.add_argument("--int4-method", choices=["auto", "gptq", "rtn"], default="auto",
                    help="int4: gptq (codes chosen with GPTQ from calibration Hessians), rtn (round to "
                         "nearest), auto (default: gptq where the float32 model fits in a third of memory)")
