@@ -38,7 +38,7 @@ def read_prompt(args: argparse.Namespace) -> str:
     if args.prompt is not None:
         return args.prompt
     try:
-        return sys.stdin.read() if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
+        return _read_all(sys.stdin) if args.prompt_file == "-" else Path(args.prompt_file).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise RuntimeInputError(f"--prompt-file {args.prompt_file}: cannot read it ({exc})") from None
 
@@ -170,13 +170,28 @@ def _read_line(stdin: TextIO) -> str:
     handler runs after each, and a terminal in canonical mode hands over whole lines, so nothing waits in a buffer.
     """
     import select
-    try:
-        fd = stdin.fileno() if stdin.isatty() else None
-    except (AttributeError, OSError, ValueError):   # not a real file (a test's StringIO) or closed
-        fd = None
-    while fd is not None and not select.select([fd], [], [], 0.1)[0]:
-        pass
+    if _is_terminal(stdin):
+        while not select.select([stdin.fileno()], [], [], 0.1)[0]:
+            pass
     return stdin.readline()
+
+
+def _read_all(stdin: TextIO) -> str:
+    """stdin.read(); typed at a terminal, line by line through `_read_line`, so that a Ctrl-C ends the wait
+    (the engine's threads are running by then)."""
+    if not _is_terminal(stdin):
+        return stdin.read()
+    lines = []
+    while line := _read_line(stdin):
+        lines.append(line)
+    return "".join(lines)
+
+
+def _is_terminal(stream: TextIO) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):   # not a file (a test's stand-in), or closed
+        return False
 
 
 def repl(engine, args: argparse.Namespace, stdin: TextIO, stdout: TextIO, stderr: TextIO) -> int:

@@ -264,6 +264,24 @@ def test_ctrl_c_at_the_prompt_reaches_the_repl_from_any_thread(text_build):
     assert b"Hello" in term.output and b"Traceback" not in term.output
 
 
+def test_ctrl_c_while_run_waits_for_a_prompt_typed_at_a_terminal(text_build):
+    """`run --prompt-file -` at a terminal, the engine loaded (its threads running): a SIGINT that reaches another
+    thread still ends the wait, with one line and exit status 130."""
+    term = Terminal(["-c", SIGINT_IN_ANOTHER_THREAD, "run", str(text_build), "--prompt-file", "-",
+                     "--max-new-tokens", "4"])
+    term.read_until(b"load engine")
+    time.sleep(1.0)   # the main thread is waiting for the prompt
+    os.kill(term.pid, signal.SIGUSR1)
+    term.read_until(b"l4compile: interrupted", seconds=60)
+    assert term.exit_status(60) == 130, term.output
+    assert b"Traceback" not in term.output
+    typed = Terminal(["-m", "l4compile.cli", "run", str(text_build), "--prompt-file", "-", "--max-new-tokens", "4",
+                      "--temperature", "0", "-q"])   # and a prompt typed there, lines then Ctrl-D, is read whole
+    typed.send(b"Hello\nthere\n")
+    typed.send(b"\x04")
+    assert typed.exit_status(120) == 0, typed.output
+
+
 # The REPL, with the answer to "Hello" held after its first piece until a Ctrl-C (at most 2 minutes): a long answer.
 LONG_ANSWER = """
 import sys, time
