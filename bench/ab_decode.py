@@ -21,7 +21,12 @@ from pathlib import Path
 def worker(build: str, threads: int, steps: int, context: int, conn) -> None:
     import numpy as np
     from l4compile.runtime import Engine
-    engine = Engine.load(Path(build), threads=threads)
+    from l4compile.runtime.errors import BuildDirError
+    try:
+        engine = Engine.load(Path(build), threads=threads)
+    except BuildDirError as exc:   # the one line, for the parent to print
+        conn.send(str(exc))
+        return
     conn.send("ready")
     ids = np.arange(3, 3 + max(context, 1), dtype=np.int64)[None]
     token = np.array([[5]], dtype=np.int64)
@@ -52,8 +57,11 @@ def main() -> None:
         mine, theirs = ctx.Pipe()
         process = ctx.Process(target=worker, args=(build, args.threads, args.steps, args.context, theirs))
         process.start()
-        if not mine.poll(600) or mine.recv() != "ready":
-            raise SystemExit(f"{build}: the worker did not load it")
+        answer = mine.recv() if mine.poll(600) else f"{build}: not loaded within 600 s"
+        if answer != "ready":
+            for started, _ in workers + [(process, mine)]:
+                started.terminate()
+            raise SystemExit(f"ab_decode: {answer}")
         workers.append((process, mine))
     rates: list[tuple[float, float]] = []
     try:

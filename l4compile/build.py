@@ -81,9 +81,8 @@ class BuildOptions:
     def quantization(self) -> dict | None:
         """What --quantize did, for the manifest and the model's metadata."""
         if self.block_size is not None and self.quantize not in ("int8", "int4"):
-            raise BuildError(f"--block-size {self.block_size} needs --quantize int8 or int4 (fp8 scales each output "
-                             "channel)" if self.quantize else f"--block-size {self.block_size} needs --quantize int8 "
-                             "or int4")
+            why = " (fp8 scales each output channel)" if self.quantize else ""
+            raise BuildError(f"--block-size {self.block_size} needs --quantize int8 or int4{why}")
         if self.quantize is None:
             return None
         activations = self.quantize_activations
