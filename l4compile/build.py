@@ -106,7 +106,7 @@ class BuildOptions:
         bits = getattr(self, f"{table}_bits") or TABLE_BITS[self.quantize][table]
         if self.quantize == "int8" and bits != 8:
             raise BuildError(f"--{table.replace('_', '-')}-bits {bits} needs --quantize int4 (int8 keeps it at 8 bits)")
-        return {f"{table}_bits": bits, f"{table}_block_size": TABLE_BLOCK_SIZE[self.quantize][bits]}
+        return {f"{table}_bits": bits, f"{table}_block_size": TABLE_BLOCK_SIZE[self.quantize][table][bits]}
 
 
 @dataclass

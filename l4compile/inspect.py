@@ -132,8 +132,9 @@ def _quantized_build_bytes(breakdown: dict[str, int], dtype: str, vision: bool, 
     matmuls = sum(breakdown[part] for part in QUANTIZED_PARTS if part != "lm_head")
     total = storage_bytes(matmuls, dtype, WEIGHT_BLOCK_SIZE)
     for part in ("embedding", "lm_head"):
-        bits = TABLE_BITS[dtype]["lm_head" if tied else part]
-        total += storage_bytes(breakdown[part], f"int{bits}", TABLE_BLOCK_SIZE[dtype][bits])
+        table = "lm_head" if tied else part
+        bits = TABLE_BITS[dtype][table]
+        total += storage_bytes(breakdown[part], f"int{bits}", TABLE_BLOCK_SIZE[dtype][table][bits])
     high = sum(breakdown[p] for p in HIGH_PRECISION_PARTS if p != "embedding")
     return total + storage_bytes(high + extra, "bfloat16")
 

@@ -30,8 +30,8 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                    help="int4: bits of the quantized embedding table (default 8, blocks of 64; 4: blocks of 32, the "
                         "smallest file); int8 keeps it at 8")
     p.add_argument("--lm-head-bits", type=int, choices=[4, 8], default=None,
-                   help="int4: bits of the quantized lm_head and of a table tied to it (default 4, blocks of 32; 8: "
-                        "blocks of 64); int8 keeps it at 8")
+                   help="int4: bits of the quantized lm_head and of a table tied to it (default 4; 8: closer to float, a "
+                        "larger file; blocks of 64 either way); int8 keeps it at 8")
     p.add_argument("--block-size", type=int, choices=BLOCK_SIZES, default=None,
                    help=f"int8 / int4: weights per scale in the layers' matmuls and experts (default "
                         f"{WEIGHT_BLOCK_SIZE}: 4.5 and 8.5 bits a weight, the densities of llama.cpp's Q4_0 and Q8_0; "

@@ -95,7 +95,7 @@ def test_int4_file_size_within_1_15x_of_q4_0(builds):
 def test_manifest_and_inspect_say_what_was_quantized(builds):
     assert Engine.load(builds / "int4").manifest.quantization == {
         "weights": "int4", "activations": None, "embeddings": "int4", "method": "rtn", "block_size": 64, "lm_head_bits": 4,
-        "lm_head_block_size": 32, "embedding_bits": 8, "embedding_block_size": 64}
+        "lm_head_block_size": 64, "embedding_bits": 8, "embedding_block_size": 64}
     kept = Engine.load(builds / "int4-float-tables").manifest.quantization
     assert kept["embeddings"] is None and kept["lm_head"] == "kept"
     from l4compile.inspect import build_report
@@ -103,7 +103,7 @@ def test_manifest_and_inspect_say_what_was_quantized(builds):
     text = format_comparison(compare_builds(builds / "int4-float-tables", builds / "fp32", batches=1, seq_len=8))
     assert "(int4 weights by rtn in blocks of 64, lm_head kept in high precision)" in text
     text = format_comparison(compare_builds(builds / "int4", builds / "fp32", batches=1, seq_len=8))
-    assert "(int4 weights by rtn in blocks of 64, embeddings 8-bit blocks of 64, lm_head 4-bit blocks of 32)" in text
+    assert "(int4 weights by rtn in blocks of 64, embeddings 8-bit blocks of 64, lm_head 4-bit blocks of 64)" in text
     sizes = build_report(load("bench-16e"))["quantized_build_bytes"]
     assert sizes["int4"] < sizes["int8"] < sizes["fp8"]   # int8 and int4 quantize the table, fp8 keeps it
     import onnx

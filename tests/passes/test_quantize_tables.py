@@ -99,7 +99,7 @@ def test_a_tied_table_takes_the_lm_heads_bits():
 
 def test_build_options_record_each_tables_bits():
     q = BuildOptions(quantize="int4").quantization()
-    assert (q["embedding_bits"], q["embedding_block_size"], q["lm_head_bits"], q["lm_head_block_size"]) == (8, 64, 4, 32)
+    assert (q["embedding_bits"], q["embedding_block_size"], q["lm_head_bits"], q["lm_head_block_size"]) == (8, 64, 4, 64)
     q = BuildOptions(quantize="int4", lm_head_bits=8, embedding_bits=4).quantization()
     assert (q["embedding_bits"], q["embedding_block_size"], q["lm_head_bits"], q["lm_head_block_size"]) == (4, 32, 8, 64)
     q = BuildOptions(quantize="int8").quantization()
@@ -141,9 +141,9 @@ def test_default_int4_build_holds_an_8bit_table_and_4bit_everything_else(builds)
     [gather] = onnx_nodes(builds / "int4", "GatherBlockQuantized")
     assert (gather["bits"], gather["block_size"]) == (8, 64)
     # the layers in blocks of 64 (`build`'s default) where their input features divide by 64, else 32 (tiny-scout's
-    # experts have 32); the lm_head in its own blocks of 32
+    # experts have 32); the lm_head in 4-bit blocks of 64 (TABLE_BLOCK_SIZE)
     head = lm_head_node(builds / "int4")
-    assert (head["bits"], head["block_size"]) == (4, 32)
+    assert (head["bits"], head["block_size"]) == (4, 64)
     layers = [n for n in onnx_nodes(builds / "int4", "MatMulNBits") if n["N"] != 256]
     assert {(n["bits"], n["block_size"], n["K"] % 64 == 0) for n in layers} == {(4, 64, True), (4, 32, False)}
     assert {(n["expert_weight_bits"], n["block_size"]) for n in onnx_nodes(builds / "int4", "QMoE")} == {(4, 32)}
@@ -158,7 +158,7 @@ def test_lm_head_bits_8_builds_an_8bit_lm_head_and_leaves_the_rest(builds):
     assert others and {(n["bits"], n["block_size"]) for n in others} <= {(4, 32), (4, 64)}
     assert Engine.load(builds / "int4-lm8").manifest.quantization["lm_head_bits"] == 8
     data = (builds / "int4-lm8" / "model.onnx.data").stat().st_size
-    assert data - (builds / "int4" / "model.onnx.data").stat().st_size == 256 * 64 * (8.5 - 5) / 8   # bytes
+    assert data - (builds / "int4" / "model.onnx.data").stat().st_size == 256 * 64 * (8.5 - 4.5) / 8   # bytes
 
 
 def test_lm_head_logits_8bit_close_to_a_float_lm_head_4bit_further(builds):
