@@ -33,7 +33,8 @@ from vs_llamacpp import ACCURACY_TOKENS, prompt_ids  # noqa: E402
 
 # name -> (BuildOptions fields, attributes set on the quantization pass; None: its default)
 VARIANTS: dict[str, tuple[dict, dict]] = {
-    "int4": ({"quantize": "int4"}, {}),           # the default: table 8-bit blocks of 64, lm_head 4-bit blocks of 32
+    "int4": ({"quantize": "int4"}, {}),           # the default: table 8-bit blocks of 64, lm_head 4-bit blocks of 64
+    "int4-lm4-b32": ({"quantize": "int4"}, {"lm_head_block_size": 32}),   # the default before the lm_head's 64
     "int4-tables4": ({"quantize": "int4", "lm_head_bits": 4, "embedding_bits": 4}, {}),   # before e225a37
     "int4-emb8-b32": ({"quantize": "int4"}, {"embedding_block_size": 32}),
     "int4-lm8-b32": ({"quantize": "int4", "lm_head_bits": 8, "embedding_bits": 4}, {"lm_head_block_size": 32}),
@@ -51,6 +52,7 @@ VARIANTS: dict[str, tuple[dict, dict]] = {
     "int8-emb-b128": ({"quantize": "int8"}, {"embedding_block_size": 128}),
     "int8-emb-float": ({"quantize": "int8", "quantize_embeddings": False}, {}),
     "int8-lm-float": ({"quantize": "int8", "quantize_lm_head": False}, {}),
+    "int8-lm-b64": ({"quantize": "int8"}, {"lm_head_block_size": 64}),
 }
 
 
@@ -127,7 +129,7 @@ def measure(engine: str, path: Path, prompts: list[np.ndarray], tmp: Path, refer
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--spec", required=True)
-    parser.add_argument("--variants", default="int4,int4-lm4", help=f"comma-separated, of: {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default="int4,int4-lm4-b32", help=f"comma-separated, of: {', '.join(VARIANTS)}")
     parser.add_argument("--peer", action="store_true", help="also measure llama.cpp's Q8_0 and Q4_0 files")
     parser.add_argument("--work", type=Path, default=cache_dir() / "vs")
     parser.add_argument("--prompts", type=int, default=1,

@@ -87,7 +87,7 @@ def test_int8_is_rtn_only_and_refused_for_trt():
 def test_build_defaults_quantize_embeddings_and_lm_head_for_int8_and_int4():
     assert BuildOptions(quantize="int8").quantization() == {"weights": "int8", "activations": None,
                                                             "embeddings": "int8", "lm_head_bits": 8,
-                                                            "block_size": 64, "lm_head_block_size": 32,
+                                                            "block_size": 64, "lm_head_block_size": 64,
                                                             "embedding_bits": 8, "embedding_block_size": 32}
     assert BuildOptions(quantize="int4").quantization()["embeddings"] == "int4"
     assert BuildOptions(quantize="fp8", quantize_embeddings=True).quantization()["embeddings"] == "int8"   # rows

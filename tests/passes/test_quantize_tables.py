@@ -103,7 +103,7 @@ def test_build_options_record_each_tables_bits():
     q = BuildOptions(quantize="int4", lm_head_bits=8, embedding_bits=4).quantization()
     assert (q["embedding_bits"], q["embedding_block_size"], q["lm_head_bits"], q["lm_head_block_size"]) == (4, 32, 8, 64)
     q = BuildOptions(quantize="int8").quantization()
-    assert (q["embedding_bits"], q["embedding_block_size"], q["lm_head_bits"], q["lm_head_block_size"]) == (8, 32, 8, 32)
+    assert (q["embedding_bits"], q["embedding_block_size"], q["lm_head_bits"], q["lm_head_block_size"]) == (8, 32, 8, 64)
     kept = BuildOptions(quantize="int4", quantize_embeddings=False, quantize_lm_head=False).quantization()
     assert not {"embedding_bits", "lm_head_bits"} & set(kept)
     assert not {"embedding_bits", "lm_head_bits"} & set(BuildOptions(quantize="fp8").quantization())
