@@ -143,9 +143,16 @@ def main() -> None:
     if args.logits_worker:
         logits_worker(json.loads(args.logits_worker))
         return
+    unknown = [v for v in args.variants.split(",") if v not in VARIANTS]
+    if unknown:
+        parser.error(f"unknown variant {unknown[0]!r}; known: {', '.join(VARIANTS)}")
     from l4compile.spec import load_spec
     spec = load_spec(args.spec)
     work = args.work / spec.name
+    for needed in (work / "hf" / "config.json", work / "ours-fp32" / "manifest.json"):
+        if not needed.exists():
+            parser.error(f"{needed} is missing: `python bench/vs_llamacpp.py --specs {args.spec} --work {args.work}` "
+                         "makes the checkpoint and the fp32 build this compares against")
     prompts = [prompt_ids(spec.vocab_size, ACCURACY_TOKENS, 2 + i) for i in range(args.prompts)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     key = zlib.crc32(str(work.resolve()).encode())
