@@ -456,7 +456,9 @@ def current() -> Progress:
 def add_progress_args(parser: Any) -> None:
     """-q/--quiet and -v/--verbose on a subcommand (read back by `Progress.from_args`)."""
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", help="print nothing on stderr but errors")
+    group.add_argument("-q", "--quiet", action="store_true",
+                       help="print nothing on stderr but errors and the one line that says an existing output is "
+                            "being replaced")
     group.add_argument("-v", "--verbose", action="store_true", help="more detail on stderr (per-pass times "
                        "and stats, the item each progress line is at)")
 
