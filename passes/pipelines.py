@@ -10,6 +10,8 @@ A pipeline file lists passes by name, each optionally with its options:
       - chunked-attention
       - cse
       - dce
+    late:                        # optional: passes that run after those a build appends (--quantize, --tp)
+      - fuse-gate-up
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from l4compile.passes.attention_lengths import AttentionLengths
 from l4compile.passes.chunked_attention import ChunkedAttention, GlobalAttentionBlocks
 from l4compile.passes.cleanup import CommonSubexpressionElimination, ConstantFolding, DeadCodeElimination
 from l4compile.passes.flat_heads import FlatHeads
+from l4compile.passes.fuse_gate_up import FuseGateUp
 from l4compile.passes.moe_dispatch import MoEDispatch
 from l4compile.passes.quantize import QuantizeFP8, QuantizeINT4, QuantizeINT8
 from l4compile.passes.quantize_activations import QuantizeActivationsFP8
@@ -37,7 +40,7 @@ from l4compile.passes.skip_rms_norm import SkipRMSNorm
 
 PASSES: dict[str, type[Pass]] = {cls.name: cls for cls in (
     ConstantFolding, MoEDispatch, ChunkedAttention, GlobalAttentionBlocks, RotaryEmbedding, SkipRMSNorm, FlatHeads,
-    AttentionLengths, CommonSubexpressionElimination, DeadCodeElimination,
+    AttentionLengths, FuseGateUp, CommonSubexpressionElimination, DeadCodeElimination,
     QuantizeFP8, QuantizeINT4, QuantizeINT8, QuantizeActivationsFP8, Shard,
 )}
 
@@ -50,10 +53,16 @@ class Pipeline:
     # The KV cache the graph is lowered for (l4compile.lower.KV_LAYOUTS): "in-place" (attention over
     # per-row cache buffers, onnxruntime's GroupQueryAttention) or "sequence-major" (standard ONNX ops).
     kv_layout: str = "sequence-major"
+    # Passes that run after those a build appends (quantization, sharding): they rewrite what those produce.
+    late: tuple[tuple[str, dict[str, Any]], ...] = ()
 
     def instantiate(self, disable: Iterable[str] = ()) -> list[Pass]:
         off = set(disable)
         return [make_pass(name, options) for name, options in self.passes if name not in off]
+
+    def instantiate_late(self, disable: Iterable[str] = ()) -> list[Pass]:
+        off = set(disable)
+        return [make_pass(name, options) for name, options in self.late if name not in off]
 
 
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
@@ -61,11 +70,11 @@ PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
     Pipeline("onnx-cpu", "onnxruntime on CPU: MoE through onnxruntime's MoE op (experts in 4 parts, so that its "
              "threads share a decode token's expert), attention over in-place per-row KV "
              "caches (GroupQueryAttention; chunked layers hold one chunk, q/k/v flat, lengths once per layer "
-             "kind), RotaryEmbedding",
+             "kind), RotaryEmbedding; after quantization, a SwiGLU MLP's gate and up as one matmul",
              (("constant-fold", {}), ("moe-dispatch", {"impl": "ort", "ort_parts": 4}), ("chunked-attention", {}),
               ("global-attention-blocks", {}), ("rotary-embedding", {}), ("flat-heads", {}), ("attention-lengths", {}),
               ("cse", {}), ("dce", {})),
-             kv_layout="in-place"),
+             kv_layout="in-place", late=(("fuse-gate-up", {}),)),
     Pipeline("trt", "standard ONNX ops only (what TensorRT parses): grouped MoE dispatch, chunked layers blockwise",
              (("constant-fold", {}), ("moe-dispatch", {"impl": "grouped"}), ("chunked-attention", {}), ("cse", {}),
               ("dce", {}))),
@@ -129,17 +138,28 @@ def _read_pipeline_file(path: Path) -> Pipeline:
     data = yaml.safe_load(path.read_text())
     if not isinstance(data, dict) or not isinstance(data.get("passes"), list):
         raise PassError(f"{path}: expected a mapping with a 'passes' list")
-    unknown = set(data) - {"name", "description", "passes", "kv_layout"}
+    unknown = set(data) - {"name", "description", "passes", "kv_layout", "late"}
     if unknown:
-        raise PassError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected name, description, kv_layout, passes")
+        raise PassError(f"{path}: unknown key {sorted(unknown)[0]!r}; expected name, description, kv_layout, passes, "
+                        "late")
     layouts = ("sequence-major", "in-place")   # l4compile.lower.KV_LAYOUTS
     kv_layout = data.get("kv_layout", "sequence-major")
     if kv_layout not in layouts:
         raise PassError(f"{path}: kv_layout must be one of {', '.join(layouts)}, got {kv_layout!r}")
-    lines = _entry_lines(root)
-    passes = []
-    for i, entry in enumerate(data["passes"]):
-        where = f"{path}:{lines[i] if i < len(lines) else '?'}: passes[{i}]"
+    passes = _entries(path, root, data, "passes")
+    late = _entries(path, root, data, "late") if "late" in data else ()
+    return Pipeline(str(data.get("name", path.stem)), str(data.get("description", f"from {path}")), passes,
+                    kv_layout, late)
+
+
+def _entries(path: Path, root: Any, data: dict, key: str) -> tuple[tuple[str, dict[str, Any]], ...]:
+    """A pipeline file's list `key` (passes, late): pass names, each optionally with its options."""
+    if not isinstance(data[key], list):
+        raise PassError(f"{path}: '{key}' must be a list of passes")
+    lines = _entry_lines(root, key)
+    entries = []
+    for i, entry in enumerate(data[key]):
+        where = f"{path}:{lines[i] if i < len(lines) else '?'}: {key}[{i}]"
         if isinstance(entry, dict) and len(entry) == 1:
             (name, options), = entry.items()
             options = options or {}
@@ -151,14 +171,13 @@ def _read_pipeline_file(path: Path) -> Pipeline:
             make_pass(name, options)
         except PassError as exc:
             raise PassError(f"{where}: {exc}") from None
-        passes.append((name, dict(options)))
-    return Pipeline(str(data.get("name", path.stem)), str(data.get("description", f"from {path}")), tuple(passes),
-                    kv_layout)
+        entries.append((name, dict(options)))
+    return tuple(entries)
 
 
-def _entry_lines(root: Any) -> list[int]:
-    for key, value in getattr(root, "value", []):
-        if getattr(key, "value", None) == "passes" and isinstance(value, yaml.SequenceNode):
+def _entry_lines(root: Any, key: str = "passes") -> list[int]:
+    for k, value in getattr(root, "value", []):
+        if getattr(k, "value", None) == key and isinstance(value, yaml.SequenceNode):
             return [item.start_mark.line + 1 for item in value.value]
     return []
 
@@ -179,7 +198,9 @@ def run_pipeline(graph: Any, ref: str, disable: Iterable[str] = (), verify_each:
     show_ir = show_ir or log
     declared = load_pipeline(ref)
     extra = list(extra)
-    passes = pipeline(ref, disable) + extra
+    for name in disable:
+        check_pass_name(name, "pass to disable")
+    passes = declared.instantiate(disable) + extra + declared.instantiate_late(disable)
     if print_ir_after is not None:
         check_pass_name(print_ir_after, "pass for --print-ir-after")
         if not any(p.name == print_ir_after for p in passes):
@@ -196,7 +217,7 @@ def run_pipeline(graph: Any, ref: str, disable: Iterable[str] = (), verify_each:
         log(f"pipeline {declared.name}: {', '.join(str(p) for p in passes) or '(no passes)'}")
     with current().phase("passes", total=len(passes), unit="pass") as task:
         results = PassManager(passes, verify_each=verify_each, after_pass=after).run(graph)
-    off = [name for name, _ in declared.passes if name in set(disable)]
+    off = [name for name, _ in declared.passes + declared.late if name in set(disable)]
     label = declared.name + (f" (without {', '.join(dict.fromkeys(off))})" if off else "")
     label += "".join(f" + {p.name}" for p in extra)
     return label, results
@@ -221,5 +242,8 @@ def describe() -> str:
         default = f" (default for --target {', '.join(targets)})" if targets else ""
         lines.append(f"  {name:<{w}} {p.description}{default}")
         lines.append(f"  {'':<{w}} {', '.join(str(make_pass(n, o)) for n, o in p.passes) or '(no passes)'}")
+        if p.late:
+            lines.append(f"  {'':<{w}} then, after the passes a build appends: "
+                         f"{', '.join(str(make_pass(n, o)) for n, o in p.late)}")
     lines.append("or --pipeline FILE.yaml: a list of passes with options (see passes/pipelines.py)")
     return "\n".join(lines)

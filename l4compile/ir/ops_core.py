@@ -189,23 +189,61 @@ class Mul(_Binary):
 
 @register
 class SiluMul(Op):
-    """silu(gate) * up: the SwiGLU gating of dense layers, experts and the shared expert."""
+    """silu(gate) * up: the SwiGLU gating of dense layers, experts and the shared expert. With one input
+    [..., 2F] (passes/fuse_gate_up.py: gate and up from one matmul), its first half is gate, its second up."""
 
     name = "silu_mul"
 
     def infer(self, inputs, attrs):
+        if len(inputs) == 1:
+            (both,) = inputs
+            expect(isinstance(both.shape[-1], int) and both.shape[-1] % 2 == 0, self.name,
+                   f"one input must hold gate and up halves, got {both}")
+            return [both.with_shape(both.shape[:-1] + (both.shape[-1] // 2,))]
         gate, up = inputs
         expect(gate.shape == up.shape, self.name, f"gate {gate} and up {up} differ")
         return [gate]
 
     def torch(self, torch, inputs, attrs):
-        gate, up = inputs
+        gate, up = inputs if len(inputs) == 2 else inputs[0].chunk(2, dim=-1)
         return [torch.nn.functional.silu(gate) * up]
 
     def onnx(self, b, inputs, attrs, types):
-        gate, up = inputs
+        if len(inputs) == 1:
+            half = types[0].shape[-1] // 2
+            gate, up = b.node("Split", [inputs[0], b.int64s(half, half)], n_out=2, axis=-1)
+        else:
+            gate, up = inputs
         silu = b.node("Mul", [gate, b.node("Sigmoid", [gate])])
         return [b.node("Mul", [silu, up])]
+
+
+@register
+class Concat(Op):
+    """Tensors of one dtype joined along `axis` (passes/fuse_gate_up.py: two weights into one; onnxruntime
+    folds a Concat of initializers once, when the session is created)."""
+
+    name = "concat"
+
+    def infer(self, inputs, attrs):
+        first, axis = inputs[0], attrs["axis"]
+        expect(len(inputs) >= 2, self.name, "needs two inputs or more")
+        expect(-first.rank <= axis < first.rank, self.name, f"axis {axis} out of range for {first}")
+        axis %= first.rank
+        for t in inputs[1:]:
+            expect(t.dtype == first.dtype and t.rank == first.rank and
+                   all(a == c for i, (a, c) in enumerate(zip(t.shape, first.shape)) if i != axis),
+                   self.name, f"{t} does not join {first} along axis {axis}")
+        sizes = [t.shape[axis] for t in inputs]
+        total = sum(sizes) if all(isinstance(n, int) for n in sizes) else None
+        expect(total is not None, self.name, f"axis {axis} must have fixed sizes, got {sizes}")
+        return [first.with_shape(first.shape[:axis] + (total,) + first.shape[axis + 1:])]
+
+    def torch(self, torch, inputs, attrs):
+        return [torch.cat(list(inputs), dim=attrs["axis"])]
+
+    def onnx(self, b, inputs, attrs, types):
+        return [b.node("Concat", list(inputs), axis=attrs["axis"])]
 
 
 @register

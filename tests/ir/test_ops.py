@@ -51,6 +51,7 @@ CASES = {
     "add": ([f32(2, 5, 6), f32(2, 5, 6)], {}, 1),
     "mul": ([f32(2, 5, 2, 8), f32(1, 5, 1, 1)], {}, 1),
     "silu_mul": ([f32(2, 5, 6), f32(2, 5, 6)], {}, 1),
+    "concat": ([f32(2, 3), f32(4, 3), f32(1, 3)], {"axis": 0}, 1),
     "split_heads": ([f32(2, 5, 12)], {"num_heads": 3, "head_dim": 4}, 1),
     "merge_heads": ([f32(2, 5, 3, 4)], {}, 1),
     "skip_rms_norm": ([f32(2, 5, 6), f32(2, 5, 6), f32(6)], {"eps": 1e-5}, 2),
@@ -140,6 +141,17 @@ def test_onnx_lowering_matches_torch(name):
         else:
             assert str(gv.dtype) == g.type_of(out).dtype
         np.testing.assert_allclose(gv, wv.numpy(), atol=2e-5, rtol=1e-5)
+
+
+def test_silu_mul_of_one_input_reads_gate_and_up_as_its_halves():
+    both = f32(2, 5, 12)
+    g = Graph("halves")
+    g.set_outputs([g.op("silu_mul", [g.add_input("both", TensorType("float32", both.shape))], name="act")])
+    verify(g)
+    got = ort.InferenceSession(emit_onnx(g, None, None).model.SerializeToString()).run(None, {"both": both})[0]
+    from l4compile.ir.op import get_op
+    (want,) = get_op("silu_mul").torch(torch, [torch.from_numpy(both[..., :6]), torch.from_numpy(both[..., 6:])], {})
+    np.testing.assert_allclose(got, want.numpy(), atol=2e-5, rtol=1e-5)
 
 
 def test_positions_per_row():
