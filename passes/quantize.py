@@ -85,7 +85,16 @@ def _check_cpu_float(graph: Graph) -> str | None:
     return f"weights are {', '.join(other)}" if other else None
 
 
+def _check_weights_apart(graph: Graph) -> str | None:
+    joined = [n.name for n in graph.nodes.values()
+              if n.op == "concat" and any(graph.values[v].kind == "param" for v in n.inputs)]
+    return (f"{len(joined)} weight join(s) ({', '.join(joined[:2])}): fuse-gate-up ran before quantization; in a "
+            "pipeline file, list it under late:") if joined else None
+
+
 register_property(Property("weights-unquantized", "weights are plain floats, none quantized yet", _check_unquantized))
+register_property(Property("weights-apart", "no weight is joined with another (a joined weight is not quantized)",
+                           _check_weights_apart))
 register_property(Property("weights-quantized", "some weights are stored quantized", _check_quantized))
 register_property(Property("weights-fp8", "some ops read float8 weights through dequantize", _check_fp8_weights))
 register_property(Property("weights-cpu-float", "weights are float32 or float16, the input types of "
@@ -139,7 +148,7 @@ class QuantizeFP8(Pass):
     name: ClassVar[str] = "quantize-fp8"
     description: ClassVar[str] = ("weights to float8 (E4M3) with per-output-channel scales, read through "
                                   "DequantizeLinear; router, norms and embeddings stay high precision")
-    requires: ClassVar[tuple[str, ...]] = ("weights-unquantized",)
+    requires: ClassVar[tuple[str, ...]] = ("weights-unquantized", "weights-apart")
     ensures: ClassVar[tuple[str, ...]] = ("weights-fp8",)
 
     def run(self, graph: Graph) -> PassResult:
@@ -222,7 +231,7 @@ class QuantizeINT4(Pass):
     name: ClassVar[str] = "quantize-int4"
     description: ClassVar[str] = ("linear and MoE weights to 4-bit blocks for onnxruntime's MatMulNBits "
                                   "(weight-only); router, norms and embeddings stay high precision")
-    requires: ClassVar[tuple[str, ...]] = ("weights-unquantized", "weights-cpu-float")
+    requires: ClassVar[tuple[str, ...]] = ("weights-unquantized", "weights-cpu-float", "weights-apart")
     ensures: ClassVar[tuple[str, ...]] = ("weights-quantized",)
 
     def run(self, graph: Graph) -> PassResult:

@@ -18,7 +18,7 @@ from l4compile.passes.pipelines import PIPELINES, run_pipeline
 from l4compile.passes.quantize import QuantizeINT4
 from l4compile.runtime import Engine
 from l4compile.weights import RandomWeights
-from tests.conftest import load, token_ids
+from tests.conftest import load, spec_path, token_ids
 from tests.passes.test_quantize import run_graph, run_onnx_with_weights
 
 
@@ -113,3 +113,17 @@ def test_a_pipeline_file_names_late_passes(tmp_path):
     path.write_text("passes:\n  - cse\nlate: fuse-gate-up\n")
     with pytest.raises(PassError, match="'late' must be a list"):
         load_pipeline(str(path))
+
+
+def test_quantization_refuses_weights_joined_before_it(tmp_path, capsys):
+    """fuse-gate-up listed among a pipeline file's passes (before --quantize's) would leave the joined weights float:
+    the quantization pass refuses the graph, naming the joins and where the pass belongs."""
+    from l4compile.cli import main
+    path = tmp_path / "early.yaml"
+    path.write_text("passes:\n  - cse\n  - fuse-gate-up\n")
+    args = ["build", str(spec_path("tiny-scout")), "--dry-run", "--pipeline", str(path)]
+    assert main([*args, "-q"]) == 0
+    capsys.readouterr()
+    assert main([*args, "--quantize", "int4", "-q"]) == 2
+    err = capsys.readouterr().err
+    assert "quantize-int4 refused" in err and "gate_up_weight" in err and "list it under late:" in err
