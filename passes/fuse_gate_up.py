@@ -6,7 +6,7 @@
 
 (the one-input silu_mul reads gate and up as the halves of its input). The dense layers' MLPs and the shared
 expert read x once in one matmul of twice the width: onnxruntime's M=1 kernels run one matrix of N=2F faster than
-two of N=F (bench-1b5 int4 decode 1.06x, int8 1.05x; README). The weights stay separate in the files: onnxruntime
+two of N=F (bench-1b5 int4 decode 1.07x; README). The weights stay separate in the files: onnxruntime
 folds each Concat of initializers once, when the session is created. Runs after quantization (onnx-cpu's late
 passes), so that each weight is quantized alone, as before; every output row is the same dot product as before.
 """

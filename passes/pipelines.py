@@ -56,13 +56,10 @@ class Pipeline:
     # Passes that run after those a build appends (quantization, sharding): they rewrite what those produce.
     late: tuple[tuple[str, dict[str, Any]], ...] = ()
 
-    def instantiate(self, disable: Iterable[str] = ()) -> list[Pass]:
+    def instantiate(self, disable: Iterable[str] = (), late: bool = False) -> list[Pass]:
+        """The passes (with `late`, the late ones) less those named in `disable`."""
         off = set(disable)
-        return [make_pass(name, options) for name, options in self.passes if name not in off]
-
-    def instantiate_late(self, disable: Iterable[str] = ()) -> list[Pass]:
-        off = set(disable)
-        return [make_pass(name, options) for name, options in self.late if name not in off]
+        return [make_pass(name, options) for name, options in (self.late if late else self.passes) if name not in off]
 
 
 PIPELINES: dict[str, Pipeline] = {p.name: p for p in (
@@ -198,9 +195,7 @@ def run_pipeline(graph: Any, ref: str, disable: Iterable[str] = (), verify_each:
     show_ir = show_ir or log
     declared = load_pipeline(ref)
     extra = list(extra)
-    for name in disable:
-        check_pass_name(name, "pass to disable")
-    passes = declared.instantiate(disable) + extra + declared.instantiate_late(disable)
+    passes = pipeline(ref, disable) + extra + declared.instantiate(disable, late=True)
     if print_ir_after is not None:
         check_pass_name(print_ir_after, "pass for --print-ir-after")
         if not any(p.name == print_ir_after for p in passes):
